@@ -1,0 +1,146 @@
+"""The contract every head implements: encode (pure) -> forward (the model) -> decode (pure).
+
+A head never batches by itself: the engine (`heads.engine.pipe`) collects the features of many
+documents, sorts them by length, fills batches up to a token budget and hands each batch to
+`forward`. `encode` and `decode` are pure functions of the document and the model outputs, so
+they can be unit-tested with hand-made logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Doc:
+    """One corpus row routed to a head: its id, its text, and the other columns it may need."""
+
+    doc_id: str
+    text: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Feature:
+    """One model input: a window (or segment, or question x window) of one document."""
+
+    doc_index: int  # index of its document in the sequence given to the engine
+    input_ids: list[int]
+    token_type_ids: list[int] | None = None
+    meta: dict = field(default_factory=dict)  # what decode needs: offsets, window index, question
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+
+class DocumentError(Exception):
+    """A terminal problem with one document: it goes to `failed_docs` with this reason."""
+
+
+class Head:
+    """Base class of the task heads. Subclasses set the class attributes and the three methods.
+
+    `params` lists the task-specific config keys with their defaults; the config layer rejects
+    any other key, so a typo fails before work starts.
+    """
+
+    task: ClassVar[str]
+    table: ClassVar[str]
+    model_class: ClassVar[Any]  # e.g. transformers.AutoModelForSequenceClassification
+    params: ClassVar[Mapping[str, Any]] = {}
+
+    def __init__(self, name: str, model: Any, tokenizer: Any, params: Mapping[str, Any] | None = None):
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        merged = dict(self.params)
+        merged.update(params or {})
+        self.p = merged
+        self.setup()
+
+    def setup(self) -> None:
+        """Derive per-model constants (window size, label map); called once after loading."""
+
+    def needed_columns(self) -> list[str]:
+        """Corpus columns besides id and text that `encode` reads from `doc.fields`."""
+        return []
+
+    # --- the contract -------------------------------------------------------------------
+    def encode(self, doc: Doc) -> list[Feature]:
+        raise NotImplementedError
+
+    def forward(self, feats: Sequence[Feature]) -> list[Any]:
+        raise NotImplementedError
+
+    def decode(self, doc: Doc, feats: Sequence[Feature], outs: Sequence[Any]) -> list[dict]:
+        raise NotImplementedError
+
+    # --- helpers shared by heads --------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def max_length(self) -> int:
+        """The longest input the model accepts: the smaller of tokenizer and position limits."""
+        return model_max_length(self.model, self.tokenizer)
+
+    def pad_id(self) -> int:
+        pid = self.tokenizer.pad_token_id
+        if pid is None:
+            pid = getattr(self.model.config, "pad_token_id", None)
+        return 0 if pid is None else int(pid)
+
+    def collate(self, feats: Sequence[Feature], left: bool = False) -> dict[str, torch.Tensor]:
+        """Pad features into model tensors (right padding unless `left`)."""
+        return collate(feats, self.pad_id(), self.device, left=left)
+
+    def run_encoder(self, feats: Sequence[Feature]):
+        """One forward pass of an encoder model over a padded batch."""
+        with torch.inference_mode():
+            return self.model(**self.collate(feats))
+
+
+def model_max_length(model: Any, tokenizer: Any) -> int:
+    limits = []
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
+        limits.append(tok_max)
+    cfg = getattr(model, "config", None)
+    pos = getattr(cfg, "max_position_embeddings", None)
+    if isinstance(pos, int) and pos > 0:
+        # RoBERTa-style models reserve padding_idx + 1 positions
+        offset = 2 if getattr(cfg, "model_type", "") in {"roberta", "xlm-roberta", "camembert"} else 0
+        limits.append(pos - offset)
+    return min(limits) if limits else 512
+
+
+def collate(feats: Sequence[Feature], pad_id: int, device: Any = "cpu", left: bool = False) -> dict[str, torch.Tensor]:
+    n = max(f.length for f in feats)
+    ids = np.full((len(feats), n), pad_id, dtype=np.int64)
+    mask = np.zeros((len(feats), n), dtype=np.int64)
+    has_types = feats[0].token_type_ids is not None
+    types = np.zeros((len(feats), n), dtype=np.int64) if has_types else None
+    for i, f in enumerate(feats):
+        sl = slice(n - f.length, n) if left else slice(0, f.length)
+        ids[i, sl] = f.input_ids
+        mask[i, sl] = 1
+        if has_types:
+            types[i, sl] = f.token_type_ids
+    batch = {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask).to(device)}
+    if has_types:
+        batch["token_type_ids"] = torch.from_numpy(types).to(device)
+    return batch
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))

@@ -1,0 +1,22 @@
+"""Task name -> head class. A new head is one module plus one line here."""
+from __future__ import annotations
+
+from importlib import import_module
+
+from .base import Head
+
+HEADS: dict[str, str] = {
+    "classification": "heads.classification:ClassificationHead",
+    "ner": "heads.ner:NerHead",
+    "qa": "heads.qa:QuestionAnsweringHead",
+    "translation": "heads.translation:TranslationHead",
+}
+
+
+def head_class(task: str) -> type[Head]:
+    try:
+        target = HEADS[task]
+    except KeyError:
+        raise KeyError(f"unknown task {task!r}; known tasks: {', '.join(sorted(HEADS))}") from None
+    module, _, name = target.partition(":")
+    return getattr(import_module(module), name)
