@@ -59,8 +59,13 @@ class Head:
         self.tokenizer = tokenizer
         merged = dict(self.params)
         merged.update(params or {})
+        self.validate_params(merged)
         self.p = merged
         self.setup()
+
+    @classmethod
+    def validate_params(cls, p: Mapping[str, Any]) -> None:
+        """Raise ValueError for bad parameter values; runs before any model is loaded."""
 
     def setup(self) -> None:
         """Derive per-model constants (window size, label map); called once after loading."""

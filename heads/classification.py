@@ -20,9 +20,14 @@ class ClassificationHead(Head):
     model_class = AutoModelForSequenceClassification
     params = {"long_text": "chunk", "stride": 64}
 
+    @classmethod
+    def validate_params(cls, p) -> None:
+        if p["long_text"] not in ("chunk", "truncate"):
+            raise ValueError(f"long_text must be 'chunk' or 'truncate', not {p['long_text']!r}")
+        if p["stride"] < 0:
+            raise ValueError("stride must be >= 0")
+
     def setup(self) -> None:
-        if self.p["long_text"] not in ("chunk", "truncate"):
-            raise ValueError(f"long_text must be 'chunk' or 'truncate', not {self.p['long_text']!r}")
         cfg = self.model.config
         self.labels = [cfg.id2label[i] for i in range(cfg.num_labels)]
         # HF pipeline semantics: sigmoid for one label or multi-label models, softmax otherwise

@@ -38,3 +38,50 @@ def load_head(name: str, task: str, model: str, revision: str | None = None,
     net.to(resolve_device(device)).eval()
     torch.set_num_threads(int(os.environ.get("TASKHEADS_THREADS", torch.get_num_threads())))
     return cls(name, net, tokenizer, params)
+
+
+_CACHE: dict[str, Head] = {}
+
+
+def cached_head(cfg) -> Head:
+    """Load a head once per process (Prefect tasks of one worker share it)."""
+    import json
+
+    key = json.dumps([cfg.name, cfg.task, cfg.model, cfg.revision, dict(cfg.params), cfg.dtype, cfg.device,
+                      cfg.trust_remote_code], sort_keys=True, default=str)
+    if key not in _CACHE:
+        _CACHE[key] = load_head(cfg.name, cfg.task, cfg.model, revision=cfg.revision, params=cfg.params,
+                                dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    return _CACHE[key]
+
+
+def _sha256_files(paths) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def model_identity(cfg, head: Head) -> dict:
+    """Lineage of a loaded head: what exactly produced the rows (source, revision, weights, params)."""
+    import hashlib
+    import json
+
+    resolved = getattr(head.model.config, "_commit_hash", None)
+    weights = None
+    if Path(cfg.model).is_dir():
+        folder = Path(cfg.model)
+        weights = _sha256_files(list(folder.glob("*.safetensors")) + [folder / "config.json"])
+    params = {k: head.p[k] for k in sorted(head.p)}
+    fingerprint = json.dumps([cfg.task, cfg.model, cfg.revision, resolved, weights, params, cfg.dtype],
+                             sort_keys=True, default=str)
+    return {
+        "model_id": hashlib.sha256(fingerprint.encode()).hexdigest()[:16],
+        "head": cfg.name, "task": cfg.task, "source": cfg.model, "revision": cfg.revision,
+        "resolved_revision": resolved, "weights_sha256": weights, "params": params, "dtype": cfg.dtype,
+    }

@@ -1,0 +1,344 @@
+"""Token classification (NER): `AutoModelForTokenClassification` logits -> entity spans.
+
+The decoding reproduces the HF `TokenClassificationPipeline` of transformers 5.23 (gather the
+pre-entities with its subword rule, then aggregate with none | simple | first | average | max), so a
+document that fits one model window gives exactly the pipeline's entities. Two deliberate
+differences in the rows: `text` is the slice of the ORIGINAL document (`doc.text[start_char:
+end_char]`), not the pipeline's detokenized "word", and long documents are not truncated.
+
+Long documents are split into overlapping windows (`stride` tokens of overlap). Every token of the
+document takes its logits from the single window in which it is most central (farthest from a
+window edge), and the stitched per-token logits are then decoded once, as if the document were one
+sequence: an entity crossing a window seam comes out once and whole, never duplicated.
+
+The pure parts (window positions, window choice, stitching, pre-entity gathering, aggregation)
+are plain functions over numpy arrays and lists, so they can be tested with hand-made logits.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+from transformers import AutoModelForTokenClassification
+
+from .base import Doc, DocumentError, Feature, Head
+
+AGGREGATIONS = ("none", "simple", "first", "average", "max")
+WORD_AGGREGATIONS = ("first", "average", "max")
+
+
+class NerHead(Head):
+    task = "ner"
+    table = "entities"
+    model_class = AutoModelForTokenClassification
+    params = {"aggregation": "simple", "stride": 128, "ignore_labels": ["O"]}
+
+    def setup(self) -> None:
+        agg = self.p["aggregation"]
+        if not isinstance(agg, str) or agg.lower() not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, not {agg!r}")
+        self.aggregation = agg.lower()
+        if self.aggregation in WORD_AGGREGATIONS and not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(f"aggregation {self.aggregation!r} needs a fast tokenizer (word offsets); "
+                             "use 'simple' or a fast tokenizer")
+        stride = self.p["stride"]
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
+            raise ValueError(f"stride must be a non-negative integer, not {stride!r}")
+        ignore = self.p["ignore_labels"]
+        if isinstance(ignore, str) or not all(isinstance(x, str) for x in (ignore or [])):
+            raise ValueError(f"ignore_labels must be a list of label strings, not {ignore!r}")
+        self.ignore_labels = list(ignore or [])
+
+        cfg = self.model.config
+        self.id2label = {int(i): str(label) for i, label in cfg.id2label.items()}
+        self.window = self.max_length()
+        capacity = self.window - self.tokenizer.num_special_tokens_to_add(pair=False)
+        if capacity < 1:
+            raise ValueError(f"model window {self.window} leaves no room for text tokens")
+        # the tokenizer needs stride < capacity; half a window of overlap already gives every
+        # token a window where it has >= stride/2 tokens of context on each side
+        self.stride = min(stride, capacity // 2)
+        # the pipeline's subword rule: exact for word-aware (WordPiece "##") tokenizers,
+        # a whitespace heuristic otherwise
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        self.word_aware = bool(backend is not None and getattr(backend.model, "continuing_subword_prefix", None))
+        self.unk_id = self.tokenizer.unk_token_id
+
+    def encode(self, doc: Doc) -> list[Feature]:
+        enc = self.tokenizer(doc.text, truncation=True, max_length=self.window, stride=self.stride,
+                             return_overflowing_tokens=True, return_offsets_mapping=True,
+                             return_special_tokens_mask=True)
+        ids = enc["input_ids"]
+        if not ids or not isinstance(ids[0], list):  # some tokenizers do not nest a single window
+            enc = {k: [v] for k, v in enc.items()}
+            ids = enc["input_ids"]
+        types = enc.get("token_type_ids")
+        specials = [list(m) for m in enc["special_tokens_mask"]]
+        offsets = [[(int(s), int(e)) for s, e in om] for om in enc["offset_mapping"]]
+        try:
+            positions = window_positions(specials, self.stride, offsets)
+        except ValueError as exc:
+            raise DocumentError(str(exc)) from None
+        return [Feature(0, list(w), list(types[k]) if types is not None else None,
+                        {"window": k, "offsets": offsets[k], "special": specials[k],
+                         "positions": positions[k].tolist()})
+                for k, w in enumerate(ids)]
+
+    def forward(self, feats: Sequence[Feature]) -> list[np.ndarray]:
+        logits = self.run_encoder(feats).logits.float().cpu().numpy()
+        return [np.ascontiguousarray(logits[i, :f.length], dtype=np.float32) for i, f in enumerate(feats)]
+
+    def decode(self, doc: Doc, feats: Sequence[Feature], outs: Sequence[np.ndarray]) -> list[dict]:
+        order = sorted(range(len(feats)), key=lambda i: feats[i].meta["window"])
+        feats = [feats[i] for i in order]
+        outs = [outs[i] for i in order]
+        seq = stitch_windows([np.asarray(f.meta["positions"]) for f in feats], outs,
+                             [f.input_ids for f in feats], [f.meta["offsets"] for f in feats])
+        tokens = self.tokenizer.convert_ids_to_tokens([int(i) for i in seq["input_ids"]])
+        return decode_entities(doc.text, seq["input_ids"], tokens, seq["logits"], seq["offsets"],
+                               self.id2label, self.aggregation, self.ignore_labels,
+                               unk_id=self.unk_id, word_aware=self.word_aware)
+
+
+# --- windows ---------------------------------------------------------------------------------
+
+def window_positions(special_masks: Sequence[Sequence[int]], stride: int,
+                     offsets: Sequence[Sequence[tuple[int, int]]] | None = None) -> list[np.ndarray]:
+    """Document token index of every position of every window (-1 for special tokens).
+
+    Windows are those of a fast tokenizer with `return_overflowing_tokens`: consecutive windows
+    share `stride` text tokens, so window k+1 starts `len_k - stride` text tokens after window k.
+    With `offsets`, the shared tokens are checked to carry the same character offsets.
+    """
+    result: list[np.ndarray] = []
+    start = 0
+    seen: dict[int, tuple[int, int]] = {}
+    for k, mask in enumerate(special_masks):
+        mask = np.asarray(mask, dtype=bool)
+        pos = np.full(len(mask), -1, dtype=np.int64)
+        n_text = int((~mask).sum())
+        pos[~mask] = np.arange(start, start + n_text)
+        if offsets is not None:
+            for j in np.flatnonzero(~mask):
+                off = tuple(offsets[k][j])
+                prev = seen.setdefault(int(pos[j]), off)
+                if prev != off:
+                    raise ValueError(f"window {k} does not overlap the previous one by {stride} tokens")
+        result.append(pos)
+        if k + 1 < len(special_masks):
+            start += n_text - stride
+            if n_text <= stride or start < 0:
+                raise ValueError(f"window {k} has {n_text} text tokens, not more than the stride {stride}")
+    return result
+
+
+def centrality(n: int) -> np.ndarray:
+    """Distance of each of n consecutive positions from the nearer edge of their run."""
+    i = np.arange(n)
+    return np.minimum(i, n - 1 - i)
+
+
+def choose_windows(positions: Sequence[np.ndarray], n_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """For every document token, the window where it is most central and its position there.
+
+    `positions[k][j]` is the document token at position j of window k (-1 for special tokens).
+    Centrality counts text tokens only (special tokens are not context). Ties go to the earlier
+    window. Returns `(window, position)` arrays of length `n_tokens`.
+    """
+    if n_tokens is None:
+        n_tokens = max((int(p.max()) + 1 for p in positions if len(p)), default=0)
+    best_c = np.full(n_tokens, -1, dtype=np.int64)
+    best_w = np.full(n_tokens, -1, dtype=np.int64)
+    best_j = np.full(n_tokens, -1, dtype=np.int64)
+    for k, pos in enumerate(positions):
+        pos = np.asarray(pos, dtype=np.int64)
+        js = np.flatnonzero(pos >= 0)
+        if len(js) == 0:
+            continue
+        tok = pos[js]
+        c = centrality(len(js))
+        better = c > best_c[tok]  # strict: ties keep the earlier window
+        best_c[tok[better]] = c[better]
+        best_w[tok[better]] = k
+        best_j[tok[better]] = js[better]
+    if (best_w < 0).any():
+        missing = int(np.flatnonzero(best_w < 0)[0])
+        raise ValueError(f"token {missing} of the document is in no window")
+    return best_w, best_j
+
+
+def stitch_windows(positions: Sequence[np.ndarray], window_logits: Sequence[np.ndarray],
+                   window_ids: Sequence[Sequence[int]], window_offsets: Sequence[Sequence[tuple[int, int]]]) -> dict:
+    """Assemble one sequence of the document's text tokens from its windows.
+
+    Each token takes its logits from the window chosen by `choose_windows`. Returns a dict with
+    `input_ids` [n], `offsets` [n, 2], `logits` [n, num_labels] (float32), `window` [n] and
+    `position` [n] (where each token's logits came from).
+    """
+    positions = [np.asarray(p, dtype=np.int64) for p in positions]
+    win, pos = choose_windows(positions)
+    n = len(win)
+    num_labels = int(np.asarray(window_logits[0]).shape[-1]) if len(window_logits) else 0
+    logits = np.zeros((n, num_labels), dtype=np.float32)
+    ids = np.zeros(n, dtype=np.int64)
+    offsets = np.zeros((n, 2), dtype=np.int64)
+    for k in range(len(positions)):
+        sel = np.flatnonzero(win == k)
+        if len(sel) == 0:
+            continue
+        j = pos[sel]
+        logits[sel] = np.asarray(window_logits[k], dtype=np.float32)[j]
+        ids[sel] = np.asarray(window_ids[k], dtype=np.int64)[j]
+        offsets[sel] = np.asarray(window_offsets[k], dtype=np.int64).reshape(-1, 2)[j]
+    return {"input_ids": ids, "offsets": offsets, "logits": logits, "window": win, "position": pos}
+
+
+# --- decoding: the HF TokenClassificationPipeline rules (transformers 5.23) -------------------
+
+def token_scores(logits: np.ndarray) -> np.ndarray:
+    """Softmax over labels in float32, computed as the pipeline does."""
+    logits = np.asarray(logits, dtype=np.float32)
+    if logits.size == 0:
+        return logits
+    shifted = np.exp(logits - np.max(logits, axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def gather_pre_entities(text: str, input_ids: Sequence[int], tokens: Sequence[str], scores: np.ndarray,
+                        offsets: Sequence[tuple[int, int]], special_mask: Sequence[int] | None = None,
+                        unk_id: int | None = None, word_aware: bool = True) -> list[dict]:
+    """One dict per non-special token: word, scores, start, end, index, is_subword.
+
+    Subword rule of the pipeline: for a word-aware tokenizer (WordPiece "##" prefix) a token is a
+    subword when its token string and its slice of the text differ in length ("##ing" vs "ing");
+    otherwise the fallback heuristic "no space just before the token". An unknown token
+    ([UNK]) is never a subword.
+    """
+    pre = []
+    for idx in range(len(input_ids)):
+        if special_mask is not None and special_mask[idx]:
+            continue
+        start, end = int(offsets[idx][0]), int(offsets[idx][1])
+        word = tokens[idx]
+        word_ref = text[start:end]
+        if word_aware:
+            is_subword = len(word) != len(word_ref)
+        else:
+            is_subword = start > 0 and " " not in text[start - 1:start + 1]
+        if unk_id is not None and int(input_ids[idx]) == unk_id:
+            word = word_ref
+            is_subword = False
+        pre.append({"word": word, "scores": scores[idx], "start": start, "end": end, "index": idx,
+                    "is_subword": is_subword})
+    return pre
+
+
+def aggregate_word(entities: Sequence[dict], aggregation: str, id2label: Mapping[int, str]) -> dict:
+    """Give one label to the tokens of one word (first | average | max)."""
+    if aggregation == "first":
+        scores = entities[0]["scores"]
+        idx = int(scores.argmax())
+        score = scores[idx]
+    elif aggregation == "max":
+        scores = max(entities, key=lambda e: e["scores"].max())["scores"]
+        idx = int(scores.argmax())
+        score = scores[idx]
+    elif aggregation == "average":
+        scores = np.nanmean(np.stack([e["scores"] for e in entities]), axis=0)
+        idx = int(scores.argmax())
+        score = scores[idx]
+    else:
+        raise ValueError(f"invalid word aggregation {aggregation!r}")
+    return {"entity": id2label[idx], "score": score, "start": entities[0]["start"], "end": entities[-1]["end"]}
+
+
+def aggregate_words(pre_entities: Sequence[dict], aggregation: str, id2label: Mapping[int, str]) -> list[dict]:
+    """Group tokens into words (a word = a token followed by its subwords), one entity per word."""
+    if aggregation not in WORD_AGGREGATIONS:
+        raise ValueError("none and simple strategies are invalid for word aggregation")
+    words: list[dict] = []
+    group: list[dict] = []
+    for e in pre_entities:
+        if group and not e["is_subword"]:
+            words.append(aggregate_word(group, aggregation, id2label))
+            group = []
+        group.append(e)
+    if group:
+        words.append(aggregate_word(group, aggregation, id2label))
+    return words
+
+
+def get_tag(label: str) -> tuple[str, str]:
+    """("B" | "I", tag); a label without a B-/I- prefix counts as a continuation."""
+    if label.startswith("B-"):
+        return "B", label[2:]
+    if label.startswith("I-"):
+        return "I", label[2:]
+    return "I", label
+
+
+def group_sub_entities(entities: Sequence[dict]) -> dict:
+    """Merge adjacent tokens/words into one entity: mean score, span of first start to last end."""
+    return {"entity_group": entities[0]["entity"].split("-", 1)[-1],
+            "score": np.mean(np.nanmean([e["score"] for e in entities])),
+            "start": entities[0]["start"], "end": entities[-1]["end"]}
+
+
+def group_entities(entities: Sequence[dict]) -> list[dict]:
+    """Merge runs with the same tag where each follower is not a B- (B-PER I-PER -> PER)."""
+    groups: list[dict] = []
+    current: list[dict] = []
+    for e in entities:
+        if current:
+            bi, tag = get_tag(e["entity"])
+            _, last_tag = get_tag(current[-1]["entity"])
+            if not (tag == last_tag and bi != "B"):
+                groups.append(group_sub_entities(current))
+                current = []
+        current.append(e)
+    if current:
+        groups.append(group_sub_entities(current))
+    return groups
+
+
+def aggregate(pre_entities: Sequence[dict], aggregation: str, id2label: Mapping[int, str]) -> list[dict]:
+    """Pre-entities -> entities ("entity" per token for none, "entity_group" otherwise)."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, not {aggregation!r}")
+    if aggregation in ("none", "simple"):
+        entities = []
+        for pre in pre_entities:
+            idx = int(pre["scores"].argmax())
+            entities.append({"entity": id2label[idx], "score": pre["scores"][idx], "index": pre["index"],
+                             "start": pre["start"], "end": pre["end"]})
+    else:
+        entities = aggregate_words(pre_entities, aggregation, id2label)
+    if aggregation == "none":
+        return entities
+    return group_entities(entities)
+
+
+def filter_ignored(entities: Sequence[dict], ignore_labels: Sequence[str]) -> list[dict]:
+    """Drop entities whose "entity" (none) or "entity_group" (grouped) is an ignored label."""
+    return [e for e in entities
+            if e.get("entity") not in ignore_labels and e.get("entity_group") not in ignore_labels]
+
+
+def decode_entities(text: str, input_ids: Sequence[int], tokens: Sequence[str], logits: np.ndarray,
+                    offsets: Sequence[tuple[int, int]], id2label: Mapping[int, str], aggregation: str = "simple",
+                    ignore_labels: Sequence[str] = ("O",), special_mask: Sequence[int] | None = None,
+                    unk_id: int | None = None, word_aware: bool = True) -> list[dict]:
+    """Logits of one token sequence -> entity rows of the `entities` table.
+
+    Rows: entity_group, text (= text[start_char:end_char]), start_char, end_char, score.
+    """
+    scores = token_scores(logits)
+    pre = gather_pre_entities(text, input_ids, tokens, scores, offsets, special_mask, unk_id, word_aware)
+    entities = filter_ignored(aggregate(pre, aggregation, id2label), list(ignore_labels))
+    rows = []
+    for e in entities:
+        start, end = int(e["start"]), int(e["end"])
+        rows.append({"entity_group": e.get("entity_group", e.get("entity")), "text": text[start:end],
+                     "start_char": start, "end_char": end, "score": float(e["score"])})
+    return rows
+

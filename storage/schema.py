@@ -1,0 +1,85 @@
+"""All DuckDB DDL in one place. Result tables share `head, doc_id, run_id, model_id`."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Arrow schemas of the rows each result table receives (what heads' decode returns, plus keys).
+KEY_FIELDS = [pa.field("head", pa.string()), pa.field("doc_id", pa.string())]
+LINEAGE_FIELDS = [pa.field("run_id", pa.string()), pa.field("model_id", pa.string())]
+
+RESULT_FIELDS: dict[str, list[pa.Field]] = {
+    "classifications": [
+        pa.field("label", pa.string()), pa.field("score", pa.float64()),
+        pa.field("scores", pa.map_(pa.string(), pa.float64())),
+        pa.field("n_chunks", pa.int32()), pa.field("long_text", pa.string()),
+    ],
+    "entities": [
+        pa.field("entity_group", pa.string()), pa.field("text", pa.string()),
+        pa.field("start_char", pa.int64()), pa.field("end_char", pa.int64()), pa.field("score", pa.float64()),
+    ],
+    "answers": [
+        pa.field("question", pa.string()), pa.field("answer", pa.string()),
+        pa.field("start_char", pa.int64()), pa.field("end_char", pa.int64()), pa.field("score", pa.float64()),
+        pa.field("n_windows", pa.int32()),
+    ],
+    "translations": [pa.field("translation", pa.string()), pa.field("n_segments", pa.int32())],
+}
+FAILED_FIELDS = [pa.field("error", pa.string()), pa.field("stage", pa.string()),
+                 pa.field("source_file", pa.string())]
+
+
+def arrow_schema(table: str) -> pa.Schema:
+    fields = FAILED_FIELDS if table == "failed_docs" else RESULT_FIELDS[table]
+    return pa.schema(KEY_FIELDS + fields + LINEAGE_FIELDS)
+
+
+_DUCK_TYPES = {pa.string(): "VARCHAR", pa.float64(): "DOUBLE", pa.int32(): "INTEGER", pa.int64(): "BIGINT"}
+
+
+def _duck_type(t: pa.DataType) -> str:
+    if pa.types.is_map(t):
+        return f"MAP({_duck_type(t.key_type)}, {_duck_type(t.item_type)})"
+    return _DUCK_TYPES[t]
+
+
+def _table_ddl(table: str) -> str:
+    cols = ",\n  ".join(f"{f.name} {_duck_type(f.type)}" for f in arrow_schema(table))
+    return f"CREATE TABLE IF NOT EXISTS {table} (\n  {cols}\n)"
+
+
+DDL = [
+    """CREATE TABLE IF NOT EXISTS runs (
+  run_id VARCHAR PRIMARY KEY,
+  started_at TIMESTAMPTZ,
+  finished_at TIMESTAMPTZ,
+  status VARCHAR,            -- running | completed | completed_with_errors | failed
+  config_path VARCHAR,
+  corpus VARCHAR,
+  docs_read BIGINT,
+  docs_failed BIGINT,
+  file_errors VARCHAR[],
+  error VARCHAR
+)""",
+    """CREATE TABLE IF NOT EXISTS models (
+  model_id VARCHAR PRIMARY KEY,
+  head VARCHAR,
+  task VARCHAR,
+  source VARCHAR,
+  revision VARCHAR,
+  resolved_revision VARCHAR,
+  weights_sha256 VARCHAR,
+  params VARCHAR,
+  dtype VARCHAR,
+  registered_at TIMESTAMPTZ
+)""",
+    """CREATE TABLE IF NOT EXISTS loaded_shards (
+  shard_id VARCHAR PRIMARY KEY,
+  run_id VARCHAR,
+  head VARCHAR,
+  result_rows BIGINT,
+  failed_rows BIGINT,
+  loaded_at TIMESTAMPTZ
+)""",
+    *(_table_ddl(t) for t in RESULT_FIELDS),
+    _table_ddl("failed_docs"),
+]

@@ -1,0 +1,179 @@
+"""The one config system: a TOML file parsed into frozen, validated objects before any work.
+
+Every problem is reported as a `ConfigError` whose message names the key, so a typo fails in one
+line before a model is loaded or a document is read.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """The configuration cannot run; the message names the offending key."""
+
+
+TOP_KEYS = {
+    "corpus": "file, folder or glob of Parquet files",
+    "database": "DuckDB file the results go to",
+    "id_column": "corpus column holding the document id (default 'id')",
+    "text_column": "corpus column holding the text (default 'text')",
+    "unit_docs": "documents per work unit (one Prefect task per unit and head)",
+    "heads": "table of heads",
+}
+HEAD_KEYS = {
+    "task": "classification | ner | qa | translation",
+    "model": "local model folder or hub id",
+    "revision": "hub revision (branch, tag or commit) passed to from_pretrained",
+    "where": "SQL predicate over corpus columns routing documents to this head",
+    "dtype": "float32 | bfloat16",
+    "device": "auto | cpu | cuda | cuda:N",
+    "batch_tokens": "padded-token budget per batch",
+    "trust_remote_code": "allow model code from the hub (off by default)",
+}
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    name: str
+    task: str
+    model: str
+    revision: str | None = None
+    where: str | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    batch_tokens: int = 4096
+    trust_remote_code: bool = False
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.model).exists()
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    corpus: str
+    database: str
+    heads: tuple[HeadConfig, ...]
+    id_column: str = "id"
+    text_column: str = "text"
+    unit_docs: int = 2000
+    source: str | None = None  # the config file, for lineage
+
+    def with_overrides(self, corpus: str | None = None, database: str | None = None) -> "PipelineConfig":
+        return replace(self, corpus=corpus or self.corpus, database=database or self.database)
+
+
+def _check_type(key: str, value: Any, types: tuple, what: str) -> None:
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise ConfigError(f"{key}: expected {what}, got {type(value).__name__} {value!r}")
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    p = Path(os.path.expanduser(value))
+    return str(p if p.is_absolute() else (base / p))
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or os.sep + os.sep in model or model.count("/") > 1
+
+
+def parse_head(name: str, raw: Any, base: Path) -> HeadConfig:
+    from heads.registry import HEADS, head_class
+
+    key = f"heads.{name}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: expected a table like [heads.{name}] with task and model")
+    task = raw.get("task")
+    if task is None:
+        raise ConfigError(f"{key}.task: missing (one of {', '.join(sorted(HEADS))})")
+    if task not in HEADS:
+        raise ConfigError(f"{key}.task: unknown task {task!r} (known: {', '.join(sorted(HEADS))})")
+    cls = head_class(task)
+    allowed = set(HEAD_KEYS) | set(cls.params)
+    for k in raw:
+        if k not in allowed:
+            raise ConfigError(f"{key}.{k}: unknown key for a {task} head (allowed: {', '.join(sorted(allowed))})")
+    if "model" not in raw:
+        raise ConfigError(f"{key}.model: missing (a local model folder or a hub id)")
+    _check_type(f"{key}.model", raw["model"], (str,), "a string")
+    model = raw["model"]
+    local = _resolve_path(model, base)
+    if Path(local).exists() or _looks_like_path(model):
+        model = local
+        folder = Path(model)
+        if not folder.is_dir():
+            raise ConfigError(f"{key}.model: model folder not found: {model}")
+        if not any(folder.glob("*.safetensors")):
+            raise ConfigError(f"{key}.model: no *.safetensors weights in {model} (taskheads loads safetensors only)")
+        if not (folder / "config.json").exists():
+            raise ConfigError(f"{key}.model: no config.json in {model}")
+    for k, types, what in (("revision", (str,), "a string"), ("where", (str,), "an SQL predicate string"),
+                           ("dtype", (str,), "a string"), ("device", (str,), "a string"),
+                           ("batch_tokens", (int,), "an integer"), ("trust_remote_code", (bool,), "true or false")):
+        if k in raw:
+            _check_type(f"{key}.{k}", raw[k], types, what)
+    if raw.get("dtype", "float32") not in ("float32", "bfloat16"):
+        raise ConfigError(f"{key}.dtype: must be 'float32' or 'bfloat16', not {raw['dtype']!r}")
+    if raw.get("batch_tokens", 4096) < 16:
+        raise ConfigError(f"{key}.batch_tokens: must be at least 16")
+    if "where" in raw and not raw["where"].strip():
+        raise ConfigError(f"{key}.where: empty predicate (leave the key out to route every document)")
+    params = {k: v for k, v in raw.items() if k in cls.params}
+    for k, v in params.items():
+        default = cls.params[k]
+        if default is not None and not isinstance(v, type(default)) and not (
+                isinstance(default, float) and isinstance(v, int)):
+            raise ConfigError(f"{key}.{k}: expected {type(default).__name__}, got {type(v).__name__} {v!r}")
+    try:  # let the head check its own parameter values without a model
+        cls.validate_params({**cls.params, **params})
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    return HeadConfig(name=name, task=task, model=model, revision=raw.get("revision"), where=raw.get("where"),
+                      dtype=raw.get("dtype", "float32"), device=raw.get("device", "auto"),
+                      batch_tokens=raw.get("batch_tokens", 4096),
+                      trust_remote_code=raw.get("trust_remote_code", False), params=params)
+
+
+def parse_config(raw: Mapping[str, Any], base: Path, source: str | None = None) -> PipelineConfig:
+    for k in raw:
+        if k not in TOP_KEYS:
+            raise ConfigError(f"{k}: unknown key (allowed: {', '.join(sorted(TOP_KEYS))})")
+    for k in ("corpus", "database"):
+        if k not in raw:
+            raise ConfigError(f"{k}: missing ({TOP_KEYS[k]})")
+        _check_type(k, raw[k], (str,), "a string")
+    for k in ("id_column", "text_column"):
+        if k in raw:
+            _check_type(k, raw[k], (str,), "a column name")
+    unit_docs = raw.get("unit_docs", 2000)
+    _check_type("unit_docs", unit_docs, (int,), "an integer")
+    if unit_docs < 1:
+        raise ConfigError("unit_docs: must be at least 1")
+    heads_raw = raw.get("heads")
+    if not heads_raw or not isinstance(heads_raw, dict):
+        raise ConfigError("heads: no heads configured (add a [heads.NAME] table with task and model)")
+    heads = tuple(parse_head(name, h, base) for name, h in heads_raw.items())
+    return PipelineConfig(corpus=_resolve_path(raw["corpus"], base), database=_resolve_path(raw["database"], base),
+                          heads=heads, id_column=raw.get("id_column", "id"),
+                          text_column=raw.get("text_column", "text"), unit_docs=unit_docs, source=source)
+
+
+def load_config(path: str | os.PathLike) -> PipelineConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+    return parse_config(raw, p.resolve().parent, source=str(p.resolve()))

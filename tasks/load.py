@@ -1,0 +1,35 @@
+"""Prefect tasks that write DuckDB: run bookkeeping and the single-writer shard loader."""
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from storage import db
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry only when the database was busy (another process held the lock)."""
+    try:
+        state.result()
+    except db.DatabaseBusy:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(name="load-shard", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[1, 4, 10],
+      retry_condition_fn=_transient)
+def load_shard(database: str, manifest: str) -> tuple[int, int]:
+    return db.load_shard(database, manifest)
+
+
+@task(name="start-run", cache_policy=NO_CACHE)
+def start_run(database: str, run_id: str, config_path: str | None, corpus: str) -> None:
+    db.start_run(database, run_id, config_path, corpus)
+
+
+@task(name="finish-run", cache_policy=NO_CACHE)
+def finish_run(database: str, run_id: str, status: str, docs_read: int, docs_failed: int,
+               file_errors: list[str], error: str | None = None) -> None:
+    db.finish_run(database, run_id, status, docs_read, docs_failed, file_errors, error)

@@ -1,0 +1,16 @@
+"""Prefect task: load each head's model once and record its lineage in `models`."""
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from heads.loading import cached_head, model_identity
+from storage.db import register_model
+
+
+@task(name="resolve-model", cache_policy=NO_CACHE)
+def resolve_model(head_cfg, database: str) -> str:
+    head = cached_head(head_cfg)
+    identity = model_identity(head_cfg, head)
+    register_model(database, identity)
+    return identity["model_id"]
