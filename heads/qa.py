@@ -194,7 +194,7 @@ class QuestionAnsweringHead(Head):
             n_question = self._count_tokens(question)
         room = self.max_seq_len - self.n_special - n_question
         if room < 1:
-            over = (f", more than max_question_len={self.max_question_len}"
+            over = (f" (more than max_question_len={self.max_question_len})"
                     if n_question > self.max_question_len else "")
             raise QuestionTooLongError(
                 f"question of {n_question} tokens{over} leaves no room for context in a window of "

@@ -96,6 +96,8 @@ def load_shard(database: str, manifest_path: str) -> tuple[int, int]:
     con = connect(database)
     try:
         if con.execute("SELECT 1 FROM loaded_shards WHERE shard_id = ?", [manifest["shard_id"]]).fetchone():
+            con.close()
+            remove_shard(manifest_path)  # loaded before (a retry after a crash): nothing to do
             return 0, 0
         con.register("staged_results", results)
         con.register("staged_failed", failed)

@@ -1,0 +1,84 @@
+"""Bad configs fail before any work, in one line that names the key; exit status non-zero."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from taskheads.cli import main
+from taskheads.config import ConfigError, load_config
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    path = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"id": [1, 2], "text": ["a b", "c d"], "lang": ["en", "de"]}), path)
+    return path
+
+
+def write(tmp_path: Path, body: str) -> Path:
+    p = tmp_path / "pipeline.toml"
+    p.write_text(body)
+    return p
+
+
+def head(model: str, extra: str = "", task: str = "classification") -> str:
+    return f'[heads.topic]\ntask = "{task}"\nmodel = "{model}"\n{extra}\n'
+
+
+def top(corpus) -> str:
+    return f'corpus = "{corpus}"\ndatabase = "out.duckdb"\n'
+
+
+@pytest.mark.parametrize("body_fn, expected", [
+    (lambda c, m: top(c) + head(m, task="summarise"), "heads.topic.task: unknown task 'summarise'"),
+    (lambda c, m: top(c) + head(m, 'agregation = "simple"'), "heads.topic.agregation: unknown key"),
+    (lambda c, m: top(c) + "colour = 1\n" + head(m), "colour: unknown key"),
+    (lambda c, m: top(c) + head("./no/such/model"), "heads.topic.model: model folder not found"),
+    (lambda c, m: top(c) + head(m, 'where = "no_such_column = 1"'), "heads.topic.where: invalid predicate"),
+    (lambda c, m: top(c) + head(m, 'where = "lang = "'), "heads.topic.where: invalid predicate"),
+    (lambda c, m: top(c) + head(m, 'long_text = "ignore"'), "heads.topic: long_text must be"),
+    (lambda c, m: top(c) + head(m, "batch_tokens = \"big\""), "heads.topic.batch_tokens: expected an integer"),
+    (lambda c, m: top(c), "heads: no heads configured"),
+    (lambda c, m: 'database = "x.duckdb"\n' + head(m), "corpus: missing"),
+    (lambda c, m: top(str(c.parent / "nothing-*.parquet")) + head(m), "corpus: corpus"),
+])
+def test_bad_config_is_one_clear_line(tmp_path, corpus, tiny_models, capsys, body_fn, expected):
+    cfg = write(tmp_path, body_fn(corpus, tiny_models["classification"]))
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_model_folder_without_safetensors(tmp_path, corpus):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ConfigError, match=r"heads.topic.model: no \*.safetensors weights"):
+        load_config(write(tmp_path, top(corpus) + head(str(folder))))
+
+
+def test_paths_resolve_against_config_folder(tmp_path, corpus, tiny_models):
+    cfg = load_config(write(tmp_path, 'corpus = "corpus.parquet"\ndatabase = "db/out.duckdb"\n'
+                                      + head(tiny_models["classification"], 'where = "lang = \'en\'"')))
+    assert cfg.corpus == str(tmp_path / "corpus.parquet")
+    assert cfg.database == str(tmp_path / "db" / "out.duckdb")
+    (h,) = cfg.heads
+    assert h.where == "lang = 'en'" and h.is_local and h.params == {}
+
+
+def test_console_script_reports_missing_column_in_one_line(tmp_path, tiny_models):
+    pq.write_table(pa.table({"id": [1], "body": ["text in the wrong column"]}), tmp_path / "c.parquet")
+    cfg = write(tmp_path, top(tmp_path / "c.parquet") + head(tiny_models["classification"]))
+    exe = Path(sys.executable).with_name("taskheads")
+    proc = subprocess.run([str(exe), "run", str(cfg)], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ})
+    assert proc.returncode == 2
+    assert "missing column 'text'" in proc.stderr and "c.parquet" in proc.stderr
+    assert "Traceback" not in proc.stderr

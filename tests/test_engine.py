@@ -1,0 +1,83 @@
+"""The batching engine: budgets, order, bisection of failing batches."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from heads.base import Doc, Feature, Head, collate
+from heads.engine import pipe, plan_batches
+
+
+@pytest.mark.parametrize("budget", [16, 64, 300, 4096])
+def test_plan_batches_respects_budget_and_covers_every_feature(budget):
+    rng = random.Random(budget)
+    lengths = [rng.randint(1, 120) for _ in range(500)]
+    batches = plan_batches(lengths, budget)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))
+    for b in batches:
+        longest = max(lengths[i] for i in b)
+        assert longest * len(b) <= budget or len(b) == 1
+    # length-sorted: batches never interleave lengths
+    maxima = [max(lengths[i] for i in b) for b in batches]
+    minima = [min(lengths[i] for i in b) for b in batches]
+    assert all(maxima[k] <= minima[k + 1] for k in range(len(batches) - 1))
+
+
+class EchoHead(Head):
+    """Returns each feature's token sum; fails on documents containing 'BOOM' (forward) or 'BAD' (encode)."""
+
+    task = "echo"
+    table = "echo"
+    model_class = None
+
+    def __init__(self):
+        self.name, self.p, self.batches = "echo", {}, []
+
+    def encode(self, doc):
+        if "BAD" in doc.text:
+            raise ValueError("cannot encode")
+        words = doc.text.split()
+        # two "windows" per long document to exercise regrouping
+        chunks = [words[:5], words[5:]] if len(words) > 5 else [words]
+        return [Feature(0, [len(w) for w in c], meta={"k": k, "boom": "BOOM" in c}) for k, c in enumerate(chunks)]
+
+    def forward(self, feats):
+        self.batches.append(len(feats))
+        if any(f.meta["boom"] for f in feats):
+            raise RuntimeError("kaboom")
+        return [sum(f.input_ids) for f in feats]
+
+    def decode(self, doc, feats, outs):
+        return [{"total": sum(outs), "windows": [f.meta["k"] for f in feats]}]
+
+
+def test_pipe_restores_order_and_isolates_failures():
+    texts = ["a bb ccc", "one two three four five six seven", "x BOOM y", "z", "BAD input", "p q r s t u v w"]
+    docs = [Doc(str(i), t) for i, t in enumerate(texts)]
+    head = EchoHead()
+    results = pipe(head, docs, token_budget=8)
+    assert [r.doc.doc_id for r in results] == [str(i) for i in range(len(texts))]
+    for r, t in zip(results, texts):
+        if "BOOM" in t:
+            assert r.error.startswith("RuntimeError: kaboom") and r.stage == "forward" and r.rows == []
+        elif "BAD" in t:
+            assert r.error == "ValueError: cannot encode" and r.stage == "encode"
+        else:
+            assert r.error is None
+            assert r.rows[0]["total"] == sum(len(w) for w in t.split())
+            assert r.rows[0]["windows"] == sorted(r.rows[0]["windows"])
+    assert len(head.batches) > 1  # the failing batch was bisected, the others still ran
+
+
+def test_collate_pads_right_and_left():
+    feats = [Feature(0, [5, 6, 7], [0, 0, 1]), Feature(1, [8], [0])]
+    right = collate(feats, pad_id=0)
+    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert right["token_type_ids"].tolist() == [[0, 0, 1], [0, 0, 0]]
+    left = collate(feats, pad_id=9, left=True)
+    assert left["input_ids"].tolist() == [[5, 6, 7], [9, 9, 8]]
+    assert np.array_equal(left["attention_mask"].numpy(), [[1, 1, 1], [0, 0, 1]])
