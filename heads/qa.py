@@ -19,9 +19,12 @@ Two deliberate differences with the pipeline. The answer is always `doc.text[sta
 with the character offsets of the span's first and last tokens (no widening to whole words). And
 the pipeline only honours `max_question_len` on its slow-tokenizer path by truncating the
 question; here questions are never truncated: `max_question_len` is validated and named in the
-error raised when a question leaves no room for context in a `max_seq_len` window. When a long
-question leaves room for fewer than `doc_stride + 1` context tokens, that question's windows
-overlap by half of the room left instead (the tokenizer requires stride < room).
+error raised when a question leaves no room for context in a `max_seq_len` window.
+
+`max_seq_len` is capped to the model's limit. When a question leaves room for at most `doc_stride`
+context tokens in a window (a long question, or a model whose limit is below the configured
+`max_seq_len`), that question's windows overlap by half of the room instead: the tokenizer needs
+stride < room (it panics otherwise), and a near-full overlap would multiply the windows.
 
 `decode_answer` (and its parts `window_probs`, `best_span`) are pure functions of the per-window
 logits, context masks and offsets, so they can be tested with hand-made logits.
@@ -85,14 +88,16 @@ class QuestionAnsweringHead(Head):
         if not self.questions and not self.question_column:
             raise ValueError("the qa head needs questions: set `questions` and/or `question_column`")
 
+        self.doc_stride = self.p["doc_stride"]
+        if self.doc_stride >= self.p["max_seq_len"]:
+            raise ValueError(f"doc_stride ({self.doc_stride}) must be smaller than max_seq_len ({self.p['max_seq_len']})")
+        # a model with a shorter limit caps the window; a stride that no longer fits is then
+        # narrowed per question (see _stride_for), so the defaults work with small models too
         model_limit = self.max_length()
         self.max_seq_len = min(self.p["max_seq_len"], model_limit)
-        capped = "" if self.max_seq_len == self.p["max_seq_len"] else f" (max_seq_len capped to the model limit {model_limit})"
-        self.doc_stride = self.p["doc_stride"]
-        if self.doc_stride >= self.max_seq_len:
-            raise ValueError(f"doc_stride ({self.doc_stride}) must be smaller than max_seq_len ({self.max_seq_len}){capped}")
         self.n_special = self.tokenizer.num_special_tokens_to_add(pair=True)
         if self.max_seq_len - self.n_special < 2:
+            capped = f" (capped to the model limit {model_limit})" if self.max_seq_len < self.p["max_seq_len"] else ""
             raise ValueError(f"max_seq_len {self.max_seq_len}{capped} leaves no room for a question and a context")
         self.max_answer_len = self.p["max_answer_len"]
         self.max_question_len = self.p["max_question_len"]

@@ -246,7 +246,9 @@ def test_decode_max_answer_len_respected():
     start = logits(alpha=6.0, delta=3.0)
     end = logits(alpha=-1.0, beta=1.0, epsilon=2.0, zeta=6.0)
     assert decode([start], [end], max_answer_len=6)["answer"] == "alpha beta gamma delta epsilon zeta"
-    assert decode([start], [end], max_answer_len=5)["answer"] == "alpha beta"
+    # logit sums: (alpha, zeta) 12 > (delta, zeta) 9 > (alpha, epsilon) 8 > (alpha, beta) 7 > (zeta, zeta) 6
+    assert decode([start], [end], max_answer_len=5)["answer"] == "delta epsilon zeta"
+    assert decode([start], [end], max_answer_len=3)["answer"] == "delta epsilon zeta"
     assert decode([start], [end], max_answer_len=2)["answer"] == "alpha beta"
     row = decode([start], [end], max_answer_len=1)
     assert row["answer"] == "zeta" and (row["start_char"], row["end_char"]) == (31, 35)
@@ -344,6 +346,21 @@ def test_registry_and_attributes(big):
     assert big.head.needed_columns() == []
 
 
+def test_defaults_on_a_model_shorter_than_the_stride(big):
+    # defaults (max_seq_len 384, doc_stride 128) on a 128-token model: the window is capped to 128
+    # and the stride, which no longer fits, is narrowed to half the room left by the question
+    head = big.head  # built by load_head with only `questions` set
+    question = "who founded the company?"
+    text = make_text(random.Random(13), 250)
+    res = pipe(head, [Doc("d", text)])[0]
+    assert res.error is None, res.error
+    (row,) = res.rows
+    n_question = len(big.ref_tok(question, add_special_tokens=False)["input_ids"])
+    room = 128 - 3 - n_question
+    assert_matches(row, reference(big, text, question, 128, room // 2, 15), text)
+    assert row["n_windows"] > 3
+
+
 @pytest.mark.parametrize("params, message", [
     ({"questions": []}, "needs questions"),
     ({"questions": None}, "needs questions"),
@@ -355,7 +372,6 @@ def test_registry_and_attributes(big):
     ({"max_answer_len": True}, "max_answer_len must be a positive integer"),
     ({"max_question_len": "64"}, "max_question_len must be a positive integer"),
     ({"doc_stride": 100, "max_seq_len": 100}, "doc_stride .100. must be smaller than max_seq_len .100."),
-    ({"doc_stride": 128}, "capped to the model limit 128"),  # 384 -> 128 on this model
     ({"allow_no_answer": "yes"}, "allow_no_answer"),
 ])
 def test_setup_rejects_bad_params(big, params, message):
