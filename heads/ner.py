@@ -80,8 +80,7 @@ class NerHead(Head):
         except ValueError as exc:
             raise DocumentError(str(exc)) from None
         return [Feature(0, list(w), list(types[k]) if types is not None else None,
-                        {"window": k, "offsets": offsets[k], "special": specials[k],
-                         "positions": positions[k].tolist()})
+                        {"window": k, "offsets": offsets[k], "positions": positions[k].tolist()})
                 for k, w in enumerate(ids)]
 
     def forward(self, feats: Sequence[Feature]) -> list[np.ndarray]:

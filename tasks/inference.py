@@ -26,7 +26,7 @@ class UnitOutcome:
 
 def shard_id_for(run_id: str, head: str, unit: Unit) -> str:
     digest = hashlib.sha1(f"{unit.path}:{unit.start}:{unit.stop}".encode()).hexdigest()[:12]
-    return f"{head}-{digest}"
+    return f"{run_id}-{head}-{digest}"
 
 
 @task(name="infer-unit", cache_policy=NO_CACHE)

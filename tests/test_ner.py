@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from heads.base import Doc
@@ -35,6 +35,7 @@ SHORT_DOCS = [
     "Tokyo東京 and 🙂 emoji in Zürich",
     "Barack Obama, Michelle Obama; Sasha & Malia.",
     "Cafe\u0301 de\u0301ja\u0300 vu in Ko\u0308ln",  # decomposed accents
+    "서울에서 김철수 씨를 만났다.",  # Hangul: several WordPiece tokens share one syllable's offsets
 ]
 
 SEAM_WORDS = ("Alexander von Humboldt travelled from Berlin to Caracas with Aimé Bonpland, "
@@ -330,6 +331,7 @@ def test_long_document_windows(long_model):
     assert window == 32 and 0 < stride < window
     g_ids, g_off, choice, ref_logits, windows = _reference_windows(head.model, head.tokenizer, text, window, stride)
     assert len(g_ids) > 300 and len(windows) > 10
+    assert len(head.encode(Doc("u", LONG_UNICODE))) > 2  # the property test's explicit example is long too
 
     # the head's windows, run as one padded batch, stitched: same tokens, same choice, same logits
     feats = head.encode(doc)
@@ -383,23 +385,28 @@ def test_long_document_windows(long_model):
 
 SPECIAL_PIECES = ["🙂", "👨‍👩‍👧", "🇺🇸", "שלום עולם", "مرحبا بالعالم", "e\u0301", "a\u0308\u0323", "\u0301", "   ", "\t\n ",
                   "\u200b", "\u200d", "\u00ad", "\ufeff", "İstanbul", "straße", "ﬁne", "東京タワー", "Ǆemal", "\r\n",
-                  "Jean-Luc", "O'Brien", "##", "[SEP]", "[CLS]"]
+                  "Jean-Luc", "O'Brien", "##", "[SEP]", "[CLS]", "한국어"]
+# a text of several model windows, so the stitched path is always exercised too
+LONG_UNICODE = " ".join(SPECIAL_PIECES * 4)
 
 
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.one_of(st.text(st.characters(exclude_categories=("Cs",)), max_size=8),
                           st.sampled_from(SPECIAL_PIECES)), max_size=40).map("".join),
        st.sampled_from(["none", "simple", "first", "average", "max"]))
+@example(LONG_UNICODE, "none").via("several windows")
+@example(LONG_UNICODE, "simple").via("several windows")
 def test_offsets_slice_original_text(long_model, text, aggregation):
     head = _head_cached(long_model, aggregation)
     (result,) = pipe(head, [Doc("h", text)], token_budget=64)
     assert result.error is None, result.error
-    prev_end = 0
     for e in result.rows:
         assert 0 <= e["start_char"] < e["end_char"] <= len(text)
         assert text[e["start_char"]:e["end_char"]] == e["text"]
-        assert e["start_char"] >= prev_end
-        prev_end = e["end_char"]
+    # in document order. (Not necessarily disjoint: as in the HF pipeline, the WordPiece tokens of
+    # one Hangul syllable all carry that syllable's offsets, so "none" repeats its span.)
+    spans = [(e["start_char"], e["end_char"]) for e in result.rows]
+    assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(spans, spans[1:]))
 
 
 _HEADS: dict = {}
