@@ -33,21 +33,25 @@ class NerHead(Head):
     model_class = AutoModelForTokenClassification
     params = {"aggregation": "simple", "stride": 128, "ignore_labels": ["O"]}
 
-    def setup(self) -> None:
-        agg = self.p["aggregation"]
+    @classmethod
+    def validate_params(cls, p) -> None:
+        agg = p["aggregation"]
         if not isinstance(agg, str) or agg.lower() not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, not {agg!r}")
-        self.aggregation = agg.lower()
+        stride = p["stride"]
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
+            raise ValueError(f"stride must be a non-negative integer, not {stride!r}")
+        ignore = p["ignore_labels"]
+        if isinstance(ignore, str) or not all(isinstance(x, str) for x in (ignore or [])):
+            raise ValueError(f"ignore_labels must be a list of label strings, not {ignore!r}")
+
+    def setup(self) -> None:
+        self.aggregation = self.p["aggregation"].lower()
         if self.aggregation in WORD_AGGREGATIONS and not getattr(self.tokenizer, "is_fast", False):
             raise ValueError(f"aggregation {self.aggregation!r} needs a fast tokenizer (word offsets); "
                              "use 'simple' or a fast tokenizer")
         stride = self.p["stride"]
-        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
-            raise ValueError(f"stride must be a non-negative integer, not {stride!r}")
-        ignore = self.p["ignore_labels"]
-        if isinstance(ignore, str) or not all(isinstance(x, str) for x in (ignore or [])):
-            raise ValueError(f"ignore_labels must be a list of label strings, not {ignore!r}")
-        self.ignore_labels = list(ignore or [])
+        self.ignore_labels = list(self.p["ignore_labels"] or [])
 
         cfg = self.model.config
         self.id2label = {int(i): str(label) for i, label in cfg.id2label.items()}

@@ -105,6 +105,8 @@ class QuestionAnsweringHead(Head):
         self.cls_id = self.tokenizer.cls_token_id
         # config questions are asked of every document: count their tokens once
         self._question_lengths = {q: self._count_tokens(q) for q in self.questions}
+        for q in self.questions:  # a config question too long for the window would fail every document
+            self._stride_for(q)
 
     def needed_columns(self) -> list[str]:
         return [self.question_column] if self.question_column else []

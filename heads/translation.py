@@ -172,14 +172,18 @@ class TranslationHead(Head):
     model_class = AutoModelForSeq2SeqLM
     params = {"num_beams": 1, "max_new_tokens": 256, "prefix": ""}
 
-    def setup(self) -> None:
-        nb, mnt, prefix = self.p["num_beams"], self.p["max_new_tokens"], self.p["prefix"]
+    @classmethod
+    def validate_params(cls, p) -> None:
+        nb, mnt, prefix = p["num_beams"], p["max_new_tokens"], p["prefix"]
         if isinstance(nb, bool) or not isinstance(nb, int) or nb < 1:
             raise ValueError(f"num_beams must be an integer >= 1, not {nb!r}")
         if isinstance(mnt, bool) or not isinstance(mnt, int) or mnt < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, not {mnt!r}")
         if not isinstance(prefix, str):
             raise ValueError(f"prefix must be a string, not {prefix!r}")
+
+    def setup(self) -> None:
+        mnt, prefix = self.p["max_new_tokens"], self.p["prefix"]
         cfg = self.model.config
         if not getattr(cfg, "is_encoder_decoder", False):
             raise ValueError(f"translation needs an encoder-decoder (seq2seq) model, not {cfg.model_type!r}")

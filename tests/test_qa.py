@@ -388,6 +388,7 @@ def test_defaults_on_a_model_shorter_than_the_stride(big):
     ({"max_question_len": "64"}, "max_question_len must be a positive integer"),
     ({"doc_stride": 100, "max_seq_len": 100}, "doc_stride .100. must be smaller than max_seq_len .100."),
     ({"allow_no_answer": "yes"}, "allow_no_answer"),
+    ({"questions": ["why " * 130]}, "question of 130 tokens .more than max_question_len=64. leaves no room"),
 ])
 def test_setup_rejects_bad_params(big, params, message):
     full = {"questions": ["who?"], **params}
