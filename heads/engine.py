@@ -45,6 +45,14 @@ def plan_batches(lengths: Sequence[int], token_budget: int, max_batch_size: int 
     return batches
 
 
+_FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError)
+
+
+def _document_fault(exc: BaseException) -> bool:
+    """Errors a document can cause (incl. Rust tokenizer panics, which are BaseExceptions)."""
+    return not isinstance(exc, _FATAL)
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
@@ -59,7 +67,9 @@ def pipe(head: Head, docs: Sequence[Doc], token_budget: int = DEFAULT_TOKEN_BUDG
     for i, doc in enumerate(docs):
         try:
             doc_feats = head.encode(doc)
-        except Exception as exc:  # a document the tokenizer or head rejects
+        except BaseException as exc:  # a document the tokenizer or head rejects
+            if not _document_fault(exc):
+                raise
             results[i].error, results[i].stage = _describe(exc), "encode"
             continue
         for f in doc_feats:
@@ -74,7 +84,9 @@ def pipe(head: Head, docs: Sequence[Doc], token_budget: int = DEFAULT_TOKEN_BUDG
             batch_outs = head.forward([feats[j] for j in idx])
             if len(batch_outs) != len(idx):
                 raise RuntimeError(f"head returned {len(batch_outs)} outputs for {len(idx)} inputs")
-        except Exception as exc:
+        except BaseException as exc:
+            if not _document_fault(exc):
+                raise
             if len(idx) == 1:
                 failed_feature[idx[0]] = _describe(exc)
                 return
@@ -102,6 +114,8 @@ def pipe(head: Head, docs: Sequence[Doc], token_budget: int = DEFAULT_TOKEN_BUDG
         idx = by_doc.get(i, [])
         try:
             r.rows = head.decode(r.doc, [feats[j] for j in idx], [outs[j] for j in idx])
-        except Exception as exc:
+        except BaseException as exc:
+            if not _document_fault(exc):
+                raise
             r.error, r.stage, r.rows = _describe(exc), "decode", []
     return results

@@ -61,36 +61,32 @@ class QuestionAnsweringHead(Head):
     }
 
     # --- configuration ------------------------------------------------------------------
-    def setup(self) -> None:
+    @classmethod
+    def validate_params(cls, p) -> None:
         for key in ("max_seq_len", "doc_stride", "max_answer_len", "max_question_len"):
-            value = self.p[key]
+            value = p[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be a positive integer, not {value!r}")
-        if not isinstance(self.p["allow_no_answer"], bool):
-            raise ValueError(f"allow_no_answer must be true or false, not {self.p['allow_no_answer']!r}")
-
-        questions = self.p["questions"]
-        if questions is None:
-            questions = []
+        if not isinstance(p["allow_no_answer"], bool):
+            raise ValueError(f"allow_no_answer must be true or false, not {p['allow_no_answer']!r}")
+        questions = p["questions"] or []
         if isinstance(questions, str) or not isinstance(questions, (list, tuple)):
             raise ValueError(f"questions must be a list of strings, not {questions!r}")
-        cleaned = []
         for q in questions:
             if not isinstance(q, str) or not q.strip():
                 raise ValueError(f"questions must be non-empty strings, not {q!r}")
-            cleaned.append(q.strip())
-        self.questions = _unique(cleaned)
-
-        column = self.p["question_column"]
+        column = p["question_column"]
         if column is not None and (not isinstance(column, str) or not column):
             raise ValueError(f"question_column must be a column name or null, not {column!r}")
-        self.question_column = column
-        if not self.questions and not self.question_column:
+        if not questions and not column:
             raise ValueError("the qa head needs questions: set `questions` and/or `question_column`")
+        if p["doc_stride"] >= p["max_seq_len"]:
+            raise ValueError(f"doc_stride ({p['doc_stride']}) must be smaller than max_seq_len ({p['max_seq_len']})")
 
+    def setup(self) -> None:
+        self.questions = _unique([q.strip() for q in (self.p["questions"] or [])])
+        self.question_column = self.p["question_column"]
         self.doc_stride = self.p["doc_stride"]
-        if self.doc_stride >= self.p["max_seq_len"]:
-            raise ValueError(f"doc_stride ({self.doc_stride}) must be smaller than max_seq_len ({self.p['max_seq_len']})")
         # a model with a shorter limit caps the window; a stride that no longer fits is then
         # narrowed per question (see _stride_for), so the defaults work with small models too
         model_limit = self.max_length()

@@ -81,3 +81,23 @@ def test_collate_pads_right_and_left():
     left = collate(feats, pad_id=9, left=True)
     assert left["input_ids"].tolist() == [[5, 6, 7], [9, 9, 8]]
     assert np.array_equal(left["attention_mask"].numpy(), [[1, 1, 1], [0, 0, 1]])
+
+
+class PanicLike(BaseException):
+    """Like pyo3's PanicException (a Rust tokenizer panic): not an Exception subclass."""
+
+
+class PanicHead(EchoHead):
+    def encode(self, doc):
+        if doc.text == "panic":
+            raise PanicLike("tokenizer panicked")
+        if doc.text == "interrupt":
+            raise KeyboardInterrupt
+        return super().encode(doc)
+
+
+def test_tokenizer_panics_fail_one_document_but_interrupts_propagate():
+    results = pipe(PanicHead(), [Doc("a", "fine text"), Doc("b", "panic")])
+    assert results[0].error is None and results[1].error == "PanicLike: tokenizer panicked"
+    with pytest.raises(KeyboardInterrupt):
+        pipe(PanicHead(), [Doc("c", "interrupt")])
