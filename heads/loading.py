@@ -10,6 +10,10 @@ import torch
 from .base import Head
 from .registry import head_class
 
+class ModelLoadError(Exception):
+    """A head's model cannot be loaded; the message names the config key."""
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -31,10 +35,15 @@ def load_head(name: str, task: str, model: str, revision: str | None = None,
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision and not Path(model).exists():
         kwargs["revision"] = revision
-    tokenizer = AutoTokenizer.from_pretrained(model, use_fast=True, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, use_fast=True, **kwargs)
+        net = cls.model_class.from_pretrained(model, use_safetensors=True, dtype=DTYPES[dtype], **kwargs)
+    except Exception as exc:  # offline without a cached copy, wrong id, no safetensors, wrong head type ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"heads.{name}.model: cannot load {model!r} as {cls.model_class.__name__}: "
+                             f"{reason}") from exc
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"model {model!r} has no fast tokenizer; taskheads needs offsets from a fast tokenizer")
-    net = cls.model_class.from_pretrained(model, use_safetensors=True, dtype=DTYPES[dtype], **kwargs)
+        raise ModelLoadError(f"heads.{name}.model: {model!r} has no fast tokenizer (offsets need one)")
     net.to(resolve_device(device)).eval()
     torch.set_num_threads(int(os.environ.get("TASKHEADS_THREADS", torch.get_num_threads())))
     return cls(name, net, tokenizer, params)

@@ -6,9 +6,14 @@ import os
 import sys
 
 
-def _quiet_defaults() -> None:
-    """Offline-friendly, quiet defaults; any value the user set wins."""
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+def _quiet_defaults(verbose: bool = False) -> None:
+    """Quiet console defaults; any value the user set wins.
+
+    Prefect's console handler would print every failed task with its traceback; the summary says
+    what failed in one line per problem instead. Logs still reach the Prefect API (and UI).
+    """
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -39,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"taskheads: config error: {exc}", file=sys.stderr)
         return 2
-    _quiet_defaults()
+    _quiet_defaults(args.verbose)
     from flows.process_corpus import process_corpus
 
     try:
@@ -92,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="pipeline config (TOML)")
     run.add_argument("--corpus", help="override the config's corpus (file, folder or glob)")
     run.add_argument("--db", help="override the config's database file")
+    run.add_argument("-v", "--verbose", action="store_true", help="show Prefect's task logs on the console")
     run.set_defaults(func=cmd_run)
     sql = sub.add_parser("sql", help="run one read-only SQL query against a results database")
     sql.add_argument("db")

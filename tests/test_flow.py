@@ -194,3 +194,29 @@ def test_rerun_replaces_rows_without_duplicates(flow_run):
     runs = fetch(flow_run.db, "SELECT DISTINCT run_id FROM classifications")
     assert runs == [{"run_id": second["run_id"]}]
     assert len(fetch(flow_run.db, "SELECT * FROM runs")) == 2
+
+
+def test_cli_run_prints_summary_and_flags_bad_file(flow_run, capsys):
+    from taskheads.cli import main
+
+    status = main(["run", str(flow_run.cfg), "--db", str(flow_run.root / "cli.duckdb")])
+    out = capsys.readouterr().out
+    assert status == 1  # c.parquet could not be read; the other files ran
+    assert "docs read: 25 from 3 file(s)" in out
+    assert "error: " in out and "c.parquet: not a readable Parquet file" in out
+    for head in ("topic", "people", "facts", "english"):
+        assert any(line.startswith(head) for line in out.splitlines())
+    assert main(["sql", str(flow_run.root / "cli.duckdb"), "SELECT count(*) AS n FROM classifications"]) == 0
+    assert "24" in capsys.readouterr().out
+
+
+def test_unloadable_hub_model_is_one_line_naming_the_key(flow_run, tmp_path, capsys):
+    from taskheads.cli import main
+
+    cfg = tmp_path / "hub.toml"
+    cfg.write_text(f'corpus = "{flow_run.root / "corpus" / "a.parquet"}"\ndatabase = "x.duckdb"\n'
+                   '[heads.topic]\ntask = "classification"\nmodel = "no-such-org/no-such-model"\nrevision = "main"\n')
+    assert main(["run", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "heads.topic.model: cannot load 'no-such-org/no-such-model'" in err
+    assert err.count("\n") == 1
