@@ -6,8 +6,10 @@ the shard as loaded; loading the same shard again changes nothing.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +18,9 @@ import duckdb
 import pyarrow as pa
 
 from .schema import DDL
-from .staging import read_manifest, remove_shard
+from taskheads.faults import checkpoint
+
+from .staging import clear_staging, read_manifest, remove_shard, staged_manifests
 
 
 class DatabaseBusy(Exception):
@@ -64,15 +68,52 @@ def start_run(database: str, run_id: str, config_path: str | None, corpus: str) 
         con.close()
 
 
-def finish_run(database: str, run_id: str, status: str, docs_read: int, docs_failed: int,
+def finish_run(database: str, run_id: str, status: str, docs_read: int, head_stats: dict[str, dict],
                file_errors: Sequence[str], error: str | None = None) -> None:
+    totals = {k: sum(h.get(k, 0) for h in head_stats.values()) for k in ("inferred", "unchanged", "failed")}
     con = connect(database)
     try:
-        con.execute("UPDATE runs SET finished_at = ?, status = ?, docs_read = ?, docs_failed = ?, file_errors = ?, "
-                    "error = ? WHERE run_id = ?",
-                    [_now(), status, docs_read, docs_failed, list(file_errors), error, run_id])
+        con.execute("UPDATE runs SET finished_at = ?, status = ?, docs_read = ?, docs_inferred = ?, docs_skipped = ?, "
+                    "docs_failed = ?, head_stats = ?, file_errors = ?, error = ? WHERE run_id = ?",
+                    [_now(), status, docs_read, totals["inferred"], totals["unchanged"], totals["failed"],
+                     json.dumps(head_stats), list(file_errors), error, run_id])
     finally:
         con.close()
+
+
+@contextmanager
+def run_lock(database: str):
+    """One writing run per database at a time; the OS drops the lock if the process dies."""
+    path = Path(database).with_name(Path(database).name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DatabaseBusy(f"{database}: another taskheads run is writing to it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def recover(database: str, run_id: str) -> int:
+    """Finish what a killed run left: load its complete packages, drop partial files, mark it.
+
+    Called under `run_lock`, so every other staging folder belongs to a dead run.
+    """
+    loaded = 0
+    for manifest in staged_manifests(database):
+        if Path(manifest).parent.name != run_id:
+            loaded += load_shard(database, manifest)[0]
+    clear_staging(database, keep_run=run_id)
+    con = connect(database)
+    try:
+        con.execute("UPDATE runs SET status = 'interrupted', finished_at = coalesce(finished_at, ?) "
+                    "WHERE status = 'running' AND run_id <> ?", [_now(), run_id])
+    finally:
+        con.close()
+    return loaded
 
 
 def register_model(database: str, model: dict[str, Any]) -> None:
@@ -89,36 +130,48 @@ def register_model(database: str, model: dict[str, Any]) -> None:
 
 
 def load_shard(database: str, manifest_path: str) -> tuple[int, int]:
-    """Load one staged shard in one transaction; returns (result rows, failed rows) loaded."""
-    manifest, results, failed = read_manifest(manifest_path)
+    """Load one staged package in one transaction; returns (result rows, failed rows) loaded.
+
+    The transaction replaces the rows of the documents the package covers (results, failures and
+    `doc_state`) and records the package in `loaded_shards`; a package already recorded is skipped,
+    so loading twice (a retry, a recovery after a crash) changes nothing.
+    """
+    manifest, parts = read_manifest(manifest_path)
     table, head = manifest["table"], manifest["head"]
-    covered = pa.table({"doc_id": pa.array(manifest["covered_doc_ids"], pa.string())})
     con = connect(database)
     try:
         if con.execute("SELECT 1 FROM loaded_shards WHERE shard_id = ?", [manifest["shard_id"]]).fetchone():
             con.close()
             remove_shard(manifest_path)  # loaded before (a retry after a crash): nothing to do
             return 0, 0
-        con.register("staged_results", results)
-        con.register("staged_failed", failed)
-        con.register("staged_covered", covered)
+        for part, data in parts.items():
+            con.register(f"staged_{part}", data)
         con.execute("BEGIN TRANSACTION")
         try:
-            for target in (table, "failed_docs"):
-                con.execute(f"DELETE FROM {target} WHERE head = ? AND doc_id IN (SELECT doc_id FROM staged_covered)",
-                            [head])
+            con.execute(f"DELETE FROM {table} WHERE head = ? AND doc_id IN (SELECT doc_id FROM staged_covered)",
+                        [head])
+            con.execute("DELETE FROM failed_docs f WHERE head = ? AND (doc_id IN (SELECT doc_id FROM staged_covered) "
+                        "OR EXISTS (SELECT 1 FROM staged_failed s WHERE s.source_file = f.source_file "
+                        "AND s.source_row = f.source_row))", [head])
+            con.execute("DELETE FROM doc_state WHERE head = ? AND doc_id IN (SELECT doc_id FROM staged_covered)",
+                        [head])
             con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM staged_results")
             con.execute("INSERT INTO failed_docs BY NAME SELECT * FROM staged_failed")
+            con.execute("INSERT INTO doc_state SELECT ?, doc_id, fingerprint, ?, ?, status, ? FROM staged_covered",
+                        [head, manifest["model_id"], manifest["run_id"], _now()])
             con.execute("INSERT INTO loaded_shards VALUES (?, ?, ?, ?, ?, ?)",
-                        [manifest["shard_id"], manifest["run_id"], head, results.num_rows, failed.num_rows, _now()])
+                        [manifest["shard_id"], manifest["run_id"], head, parts["results"].num_rows,
+                         parts["failed"].num_rows, _now()])
+            checkpoint("load")
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
             raise
     finally:
         con.close()
+    checkpoint("loaded")
     remove_shard(manifest_path)
-    return results.num_rows, failed.num_rows
+    return parts["results"].num_rows, parts["failed"].num_rows
 
 
 def query(database: str, sql: str, params: Sequence[Any] | None = None, wait_seconds: float = 30.0):

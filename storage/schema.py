@@ -25,7 +25,10 @@ RESULT_FIELDS: dict[str, list[pa.Field]] = {
     "translations": [pa.field("translation", pa.string()), pa.field("n_segments", pa.int32())],
 }
 FAILED_FIELDS = [pa.field("error", pa.string()), pa.field("stage", pa.string()),
-                 pa.field("source_file", pa.string())]
+                 pa.field("source_file", pa.string()), pa.field("source_row", pa.int64())]
+# what a load package says about each document it covers (becomes `doc_state`)
+COVERED_SCHEMA = pa.schema([pa.field("doc_id", pa.string()), pa.field("fingerprint", pa.string()),
+                            pa.field("status", pa.string())])
 
 
 def arrow_schema(table: str) -> pa.Schema:
@@ -55,8 +58,11 @@ DDL = [
   status VARCHAR,            -- running | completed | completed_with_errors | failed
   config_path VARCHAR,
   corpus VARCHAR,
-  docs_read BIGINT,
-  docs_failed BIGINT,
+  docs_read BIGINT,         -- corpus rows scanned
+  docs_inferred BIGINT,     -- (head, document) pairs run through a model
+  docs_skipped BIGINT,      -- (head, document) pairs unchanged since the last run: not inferred
+  docs_failed BIGINT,       -- (head, document) pairs that went to failed_docs
+  head_stats VARCHAR,       -- JSON: the same counts per head
   file_errors VARCHAR[],
   error VARCHAR
 )""",
@@ -79,6 +85,15 @@ DDL = [
   result_rows BIGINT,
   failed_rows BIGINT,
   loaded_at TIMESTAMPTZ
+)""",
+    """CREATE TABLE IF NOT EXISTS doc_state (
+  head VARCHAR,
+  doc_id VARCHAR,
+  fingerprint VARCHAR,      -- sha256 of the text and the extra columns the head reads
+  model_id VARCHAR,
+  run_id VARCHAR,
+  status VARCHAR,           -- done | failed
+  updated_at TIMESTAMPTZ
 )""",
     *(_table_ddl(t) for t in RESULT_FIELDS),
     _table_ddl("failed_docs"),

@@ -14,7 +14,7 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .schema import arrow_schema
+from .schema import COVERED_SCHEMA, arrow_schema
 
 
 def _atomic_write_parquet(table: pa.Table, path: Path) -> None:
@@ -29,20 +29,25 @@ def staging_dir(database: str, run_id: str) -> Path:
     return d
 
 
-def stage_shard(directory: Path, shard_id: str, head: str, table: str, rows: Sequence[dict],
-                failed: Sequence[dict], covered_doc_ids: Sequence[str], run_id: str) -> str:
-    """Write one load package; returns the manifest path."""
+PARTS = ("results", "failed", "covered")
+
+
+def stage_shard(directory: Path, shard_id: str, head: str, table: str, model_id: str, rows: Sequence[dict],
+                failed: Sequence[dict], covered: Sequence[dict], run_id: str) -> str:
+    """Write one load package; returns the manifest path.
+
+    `covered` lists the documents whose rows this package replaces: {doc_id, fingerprint, status}.
+    """
     directory = Path(directory)
-    results_path = directory / f"{shard_id}.results.parquet"
-    failed_path = directory / f"{shard_id}.failed.parquet"
-    _atomic_write_parquet(pa.Table.from_pylist(list(rows), schema=arrow_schema(table)), results_path)
-    _atomic_write_parquet(pa.Table.from_pylist(list(failed), schema=arrow_schema("failed_docs")), failed_path)
-    manifest = {
-        "shard_id": shard_id, "run_id": run_id, "head": head, "table": table,
-        "results": results_path.name, "failed": failed_path.name,
-        "covered_doc_ids": list(covered_doc_ids),
-        "result_rows": len(rows), "failed_rows": len(failed),
-    }
+    tables = {"results": pa.Table.from_pylist(list(rows), schema=arrow_schema(table)),
+              "failed": pa.Table.from_pylist(list(failed), schema=arrow_schema("failed_docs")),
+              "covered": pa.Table.from_pylist(list(covered), schema=COVERED_SCHEMA)}
+    manifest = {"shard_id": shard_id, "run_id": run_id, "head": head, "table": table, "model_id": model_id,
+                "result_rows": len(rows), "failed_rows": len(failed)}
+    for part, data in tables.items():
+        path = directory / f"{shard_id}.{part}.parquet"
+        _atomic_write_parquet(data, path)
+        manifest[part] = path.name
     path = directory / f"{shard_id}.json"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(manifest), encoding="utf-8")
@@ -50,15 +55,33 @@ def stage_shard(directory: Path, shard_id: str, head: str, table: str, rows: Seq
     return str(path)
 
 
-def read_manifest(path: str) -> tuple[dict, pa.Table, pa.Table]:
+def read_manifest(path: str) -> tuple[dict, dict[str, pa.Table]]:
     manifest = json.loads(Path(path).read_text(encoding="utf-8"))
     base = Path(path).parent
-    return manifest, pq.read_table(base / manifest["results"]), pq.read_table(base / manifest["failed"])
+    return manifest, {part: pq.read_table(base / manifest[part]) for part in PARTS}
 
 
 def remove_shard(path: str) -> None:
+    """Delete a loaded package: the manifest first, so a crash never leaves a manifest without files."""
     manifest = json.loads(Path(path).read_text(encoding="utf-8"))
     base = Path(path).parent
-    for name in (manifest["results"], manifest["failed"]):
-        (base / name).unlink(missing_ok=True)
     Path(path).unlink(missing_ok=True)
+    for part in PARTS:
+        (base / manifest[part]).unlink(missing_ok=True)
+
+
+def staged_manifests(database: str) -> list[str]:
+    """Complete load packages left by earlier runs (a crash between staging and loading)."""
+    root = Path(database).with_name(Path(database).name + ".staging")
+    return sorted(str(p) for p in root.glob("*/*.json")) if root.is_dir() else []
+
+
+def clear_staging(database: str, keep_run: str | None = None) -> None:
+    """Remove staging folders (partial files of dead runs) except the current run's."""
+    import shutil
+
+    root = Path(database).with_name(Path(database).name + ".staging")
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.name != keep_run:
+                shutil.rmtree(d, ignore_errors=True)

@@ -20,15 +20,18 @@ def _quiet_defaults(verbose: bool = False) -> None:
 
 def format_summary(s: dict) -> str:
     lines = [f"run {s['run_id']}  status {s['status']}  ->  {s['database']}",
-             f"docs read: {s['docs_read']} from {s['files']} file(s)   wall time: {s['wall_seconds']:.1f} s", ""]
-    lines.append(f"{'head':<16}{'task':<16}{'routed':>8}{'done':>8}{'failed':>8}{'rows':>8}{'seconds':>9}")
+             f"docs read: {s['docs_read']} from {s['files']} file(s)   wall time: {s['wall_seconds']:.1f} s"]
+    if s.get("recovered_rows"):
+        lines.append(f"recovered {s['recovered_rows']} result rows staged by an interrupted run")
+    lines.append("")
+    cols = ("routed", "unchanged", "inferred", "done", "failed", "rows")
+    lines.append(f"{'head':<16}{'task':<15}" + "".join(f"{c:>10}" for c in cols) + f"{'seconds':>9}")
     for name, h in s["heads"].items():
-        lines.append(f"{name:<16}{h['task']:<16}{h['routed']:>8}{h['done']:>8}{h['failed']:>8}{h['rows']:>8}"
-                     f"{h['seconds']:>9.1f}")
+        lines.append(f"{name:<16}{h['task']:<15}" + "".join(f"{h[c]:>10}" for c in cols) + f"{h['seconds']:>9.1f}")
     if any(h["failed"] for h in s["heads"].values()):
         lines.append("")
-        lines.append("failed documents: SELECT head, doc_id, error FROM failed_docs WHERE run_id = "
-                     f"'{s['run_id']}'")
+        lines.append("failed documents: taskheads sql DB \"SELECT head, doc_id, error FROM failed_docs "
+                     f"WHERE run_id = '{s['run_id']}'\"")
     for e in s["file_errors"]:
         lines.append(f"error: {e}")
     return "\n".join(lines)
@@ -48,7 +51,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.process_corpus import process_corpus
 
     try:
-        summary = process_corpus(config_path=args.config, corpus=cfg.corpus, database=cfg.database)
+        summary = process_corpus(config_path=args.config, corpus=cfg.corpus, database=cfg.database,
+                                 full=args.full)
     except Exception as exc:
         print(f"taskheads: run failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}",
               file=sys.stderr)
@@ -97,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="pipeline config (TOML)")
     run.add_argument("--corpus", help="override the config's corpus (file, folder or glob)")
     run.add_argument("--db", help="override the config's database file")
+    run.add_argument("--full", action="store_true", help="infer every document, even those unchanged since the "
+                     "last run")
     run.add_argument("-v", "--verbose", action="store_true", help="show Prefect's task logs on the console")
     run.set_defaults(func=cmd_run)
     sql = sub.add_parser("sql", help="run one read-only SQL query against a results database")

@@ -1,7 +1,7 @@
 """Checks that need the corpus but no model: run before any work so bad configs fail fast."""
 from __future__ import annotations
 
-from storage.corpus import CorpusError, corpus_files, plan_units, readable_schema, validate_where
+from storage.corpus import CorpusError, corpus_files, check_files, readable_schema, validate_where
 
 from .config import ConfigError, PipelineConfig
 
@@ -12,7 +12,7 @@ def preflight(cfg: PipelineConfig) -> list[str]:
         files = corpus_files(cfg.corpus)
     except CorpusError as exc:
         raise ConfigError(f"corpus: {exc}") from None
-    _, file_errors = plan_units(files, cfg.unit_docs, [cfg.id_column, cfg.text_column])
+    _, file_errors = check_files(files, [cfg.id_column, cfg.text_column])
     if file_errors and len(file_errors) == len(files):  # nothing could run: stop before any work
         more = f" (and {len(file_errors) - 1} more file(s) with problems)" if len(file_errors) > 1 else ""
         raise ConfigError(f"corpus: {file_errors[0]}{more}")

@@ -1,15 +1,18 @@
-"""Prefect tasks over the corpus: plan work units."""
+"""Prefect task over the corpus: check files and plan the incremental work per head."""
 from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage.corpus import corpus_files, plan_units
+from storage.corpus import check_files, corpus_files
+from storage.plan import PlanHead, plan_work
 
 
 @task(name="plan-corpus", cache_policy=NO_CACHE)
-def plan_corpus(corpus: str, unit_docs: int, id_column: str, text_column: str):
-    """List the corpus files and split them into units; bad files come back as error lines."""
+def plan_corpus(corpus: str, database: str, heads: list[PlanHead], id_column: str, text_column: str,
+                unit_docs: int, full: bool):
+    """Returns (files, plans per head, rows scanned, one error line per unusable file)."""
     files = corpus_files(corpus)
-    units, errors = plan_units(files, unit_docs, [id_column, text_column])
-    return files, units, errors
+    good, errors = check_files(files, [id_column, text_column])
+    plans, rows, plan_errors = plan_work(database, good, heads, id_column, text_column, unit_docs, full)
+    return files, plans, rows, errors + plan_errors

@@ -10,48 +10,54 @@ from prefect.cache_policies import NO_CACHE
 
 from heads.engine import pipe
 from heads.loading import cached_head
-from storage.corpus import Unit, read_unit
+from storage.corpus import read_docs
+from storage.plan import WorkUnit
 from storage.staging import stage_shard
+from taskheads.faults import checkpoint
 
 
 @dataclass(frozen=True)
 class UnitOutcome:
     manifest: str
     head: str
-    routed: int  # documents routed to the head (valid or not)
+    inferred: int  # documents run through the model (done or failed there)
     done: int
-    failed: int
-    rows_read: int
+    failed: int  # failures of any stage: plan (duplicate id), read, encode, forward, decode
 
 
-def shard_id_for(run_id: str, head: str, unit: Unit) -> str:
-    digest = hashlib.sha1(f"{unit.path}:{unit.start}:{unit.stop}".encode()).hexdigest()[:12]
-    return f"{run_id}-{head}-{digest}"
+def shard_id_for(run_id: str, head: str, unit: WorkUnit) -> str:
+    key = f"{unit.path}:{unit.rows}:{unit.refused}"
+    return f"{run_id}-{head}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
 @task(name="infer-unit", cache_policy=NO_CACHE)
-def infer_unit(unit: Unit, head_cfg, id_column: str, text_column: str, run_id: str, model_id: str,
+def infer_unit(unit: WorkUnit, head_cfg, id_column: str, text_column: str, run_id: str, model_id: str,
                staging: str) -> UnitOutcome:
     head = cached_head(head_cfg)
-    data = read_unit(unit, id_column, text_column, head.needed_columns(), {head_cfg.name: head_cfg.where})
-    docs = [data.docs[i] for i in data.routes[head_cfg.name]]
     lineage = {"head": head_cfg.name, "run_id": run_id, "model_id": model_id}
-    source = Path(unit.path).name
-    rows, failed = [], []
-    for item in data.invalid:
-        if head_cfg.name in item["heads"]:
-            failed.append({**lineage, "doc_id": item["doc_id"], "error": item["error"], "stage": "read",
-                           "source_file": source})
-    read_failures = len(failed)
-    for res in pipe(head, docs, token_budget=head_cfg.batch_tokens):
+    fingerprint = dict(zip(unit.rows, unit.fingerprints))
+    docs, invalid = read_docs(unit.path, unit.rows, id_column, text_column, head.needed_columns())
+
+    failed = [{**lineage, "doc_id": doc_id, "error": reason, "stage": "plan", "source_file": unit.path,
+               "source_row": row} for row, doc_id, reason in unit.refused]
+    failed += [{**lineage, "doc_id": bad["doc_id"], "error": bad["error"], "stage": "read",
+                "source_file": unit.path, "source_row": bad["row"]} for bad in invalid]
+    covered = [{"doc_id": bad["doc_id"], "fingerprint": fingerprint[bad["row"]], "status": "failed"}
+               for bad in invalid if bad["doc_id"] is not None]
+    rows = []
+    results = pipe(head, [doc for _, doc in docs], token_budget=head_cfg.batch_tokens)
+    for (row, doc), res in zip(docs, results):
         if res.error is not None:
-            failed.append({**lineage, "doc_id": res.doc.doc_id, "error": res.error, "stage": res.stage,
-                           "source_file": source})
+            failed.append({**lineage, "doc_id": doc.doc_id, "error": res.error, "stage": res.stage,
+                           "source_file": unit.path, "source_row": row})
         else:
-            rows.extend({**row, **lineage, "doc_id": res.doc.doc_id} for row in res.rows)
-    covered = sorted({d.doc_id for d in docs} | {f["doc_id"] for f in failed if f["doc_id"] is not None})
+            rows.extend({**r, **lineage, "doc_id": doc.doc_id} for r in res.rows)
+        covered.append({"doc_id": doc.doc_id, "fingerprint": fingerprint[row],
+                        "status": "failed" if res.error else "done"})
+    checkpoint("infer")
     manifest = stage_shard(Path(staging), shard_id_for(run_id, head_cfg.name, unit), head_cfg.name, head.table,
-                           rows, failed, covered, run_id)
-    infer_failures = len(failed) - read_failures
-    return UnitOutcome(manifest=manifest, head=head_cfg.name, routed=len(docs) + read_failures,
-                       done=len(docs) - infer_failures, failed=len(failed), rows_read=data.rows_read)
+                           model_id, rows, failed, covered, run_id)
+    checkpoint("staged")
+    model_failures = sum(1 for r in results if r.error is not None)
+    return UnitOutcome(manifest=manifest, head=head_cfg.name, inferred=len(docs),
+                       done=len(docs) - model_failures, failed=len(failed))

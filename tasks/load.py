@@ -30,6 +30,12 @@ def start_run(database: str, run_id: str, config_path: str | None, corpus: str) 
 
 
 @task(name="finish-run", cache_policy=NO_CACHE)
-def finish_run(database: str, run_id: str, status: str, docs_read: int, docs_failed: int,
+def finish_run(database: str, run_id: str, status: str, docs_read: int, head_stats: dict,
                file_errors: list[str], error: str | None = None) -> None:
-    db.finish_run(database, run_id, status, docs_read, docs_failed, file_errors, error)
+    db.finish_run(database, run_id, status, docs_read, head_stats, file_errors, error)
+
+
+@task(name="recover-staged", cache_policy=NO_CACHE)
+def recover_staged(database: str, run_id: str) -> int:
+    """Load what a killed run staged but did not load; returns result rows recovered."""
+    return db.recover(database, run_id)

@@ -182,18 +182,51 @@ def test_translations_match_per_document_generate(flow_run):
         assert r["translation"] == tok.decode(out[0], skip_special_tokens=True, clean_up_tokenization_spaces=True).strip()
 
 
-def test_rerun_replaces_rows_without_duplicates(flow_run):
-    tables = ["classifications", "entities", "answers", "translations", "failed_docs"]
-    cols = {"classifications": "doc_id, label, score", "entities": "doc_id, entity_group, start_char, end_char",
-            "answers": "doc_id, question, start_char, end_char", "translations": "doc_id, translation",
-            "failed_docs": "head, doc_id, error"}
-    before = {t: fetch(flow_run.db, f"SELECT {cols[t]} FROM {t} ORDER BY ALL") for t in tables}
+RESULT_TABLES = ["classifications", "entities", "answers", "translations", "failed_docs", "doc_state"]
+
+
+def snapshot(db):
+    out = {t: fetch(db, f"SELECT * EXCLUDE (updated_at) FROM {t} ORDER BY ALL" if t == "doc_state"
+                    else f"SELECT * FROM {t} ORDER BY ALL") for t in RESULT_TABLES}
+    out["run_ids"] = fetch(db, "SELECT run_id FROM runs ORDER BY started_at")
+    return out
+
+
+def test_rerun_infers_nothing_and_leaves_tables_identical(flow_run):
+    before = snapshot(flow_run.db)
     second = flow_run.process_corpus(config_path=str(flow_run.cfg))
-    after = {t: fetch(flow_run.db, f"SELECT {cols[t]} FROM {t} ORDER BY ALL") for t in tables}
+    after = snapshot(flow_run.db)
+    assert after.pop("run_ids")[-1] == {"run_id": second["run_id"]}
+    before.pop("run_ids")
     assert after == before
-    runs = fetch(flow_run.db, "SELECT DISTINCT run_id FROM classifications")
-    assert runs == [{"run_id": second["run_id"]}]
-    assert len(fetch(flow_run.db, "SELECT * FROM runs")) == 2
+    for name, h in second["heads"].items():
+        assert h["inferred"] == 0, name
+        assert h["unchanged"] == flow_run.summary["heads"][name]["routed"]  # incl. the unchanged bad row
+    (run,) = fetch(flow_run.db, f"SELECT * FROM runs WHERE run_id = '{second['run_id']}'")
+    assert run["docs_inferred"] == 0 and run["docs_skipped"] > 0 and run["docs_read"] == 25
+
+
+def test_changed_document_is_the_only_one_reinferred_and_full_redoes_all(flow_run, tmp_path):
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(flow_run.root / "corpus", corpus)
+    db = str(tmp_path / "inc.duckdb")
+    first = flow_run.process_corpus(config_path=str(flow_run.cfg), corpus=str(corpus), database=db)
+    table = pq.read_table(corpus / "b.parquet").to_pylist()
+    changed = next(r for r in table if r["lang"] == "en" and r["section"] == "business")
+    changed["text"] = "Completely new text about Grace Hopper in Lagos ."
+    pq.write_table(pa.Table.from_pylist(table), corpus / "b.parquet")
+    second = flow_run.process_corpus(config_path=str(flow_run.cfg), corpus=str(corpus), database=db)
+    assert {n: h["inferred"] for n, h in second["heads"].items()} == {"topic": 1, "people": 1, "facts": 1,
+                                                                       "english": 0}
+    rows = fetch(db, "SELECT doc_id, run_id FROM classifications")
+    assert {r["doc_id"] for r in rows if r["run_id"] == second["run_id"]} == {str(changed["id"])}
+    assert sum(r["run_id"] == first["run_id"] for r in rows) == 23
+    third = flow_run.process_corpus(config_path=str(flow_run.cfg), corpus=str(corpus), database=db, full=True)
+    assert third["heads"]["topic"]["inferred"] == 24 and third["heads"]["topic"]["unchanged"] == 0
+    assert fetch(db, "SELECT DISTINCT run_id FROM classifications") == [{"run_id": third["run_id"]}]
+    assert fetch(db, "SELECT count(*) AS n FROM classifications")[0]["n"] == 24
 
 
 def test_cli_run_prints_summary_and_flags_bad_file(flow_run, capsys):

@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage import db
-from storage.corpus import CorpusError, Unit, corpus_files, plan_units, read_unit
+from storage.corpus import CorpusError, check_files, corpus_files, read_docs
+from storage.plan import PlanHead, plan_work
 from storage.staging import stage_shard
 
 
@@ -23,44 +24,80 @@ def test_corpus_files_file_folder_glob(tmp_path):
         corpus_files(str(tmp_path / "none-*.parquet"))
 
 
-def test_plan_units_splits_rows_and_names_bad_files(tmp_path):
+def test_check_files_names_bad_files_and_read_docs_reads_exact_rows(tmp_path):
     good = tmp_path / "good.parquet"
-    pq.write_table(pa.table({"id": list(range(10)), "text": ["t"] * 10}), good, row_group_size=3)
+    pq.write_table(pa.table({"id": list(range(10)), "text": [f"t{i}" for i in range(10)]}), good, row_group_size=3)
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(good.read_bytes()[:-20])  # truncated footer
     nocol = tmp_path / "nocol.parquet"
     pq.write_table(pa.table({"id": [1]}), nocol)
-    units, errors = plan_units([str(good), str(broken), str(nocol)], 4, ["id", "text"])
-    assert [(u.start, u.stop) for u in units] == [(0, 4), (4, 8), (8, 10)]
-    assert len(errors) == 2
+    usable, errors = check_files([str(good), str(broken), str(nocol)], ["id", "text"])
+    assert usable == [str(good)] and len(errors) == 2
     assert errors[0].startswith(f"{broken}: not a readable Parquet file")
     assert errors[1].startswith(f"{nocol}: missing column 'text'")
-    # a unit crossing row groups reads exactly its rows
-    data = read_unit(units[1], "id", "text", [], {"h": None})
-    assert [d.doc_id for d in data.docs] == ["4", "5", "6", "7"]
+    # rows spread over row groups, in the order asked
+    docs, invalid = read_docs(str(good), [7, 2, 3, 9], "id", "text", [])
+    assert [(row, d.doc_id, d.text) for row, d in docs] == [(7, "7", "t7"), (2, "2", "t2"), (3, "3", "t3"),
+                                                              (9, "9", "t9")]
+    assert invalid == []
 
 
-def test_read_unit_routes_and_reports_invalid_rows(tmp_path):
+def test_read_docs_reports_invalid_rows(tmp_path):
     path = tmp_path / "c.parquet"
     pq.write_table(pa.table({
         "id": [1, 2, None, 4, 5, 6],
         "text": ["good one", "  \t ", "no id", None, "", "second good"],
-        "lang": ["en", "en", "en", "de", "en", "de"],
         "question": ["q1", None, None, None, None, "q6"],
     }), path)
-    data = read_unit(Unit(str(path), 0, 6), "id", "text", ["question"], {"all": None, "en": "lang = 'en'"})
-    assert [d.doc_id for d in data.docs] == ["1", "6"]
-    assert data.docs[0].fields == {"question": "q1"}
-    assert data.routes == {"all": [0, 1], "en": [0]}
-    reasons = {(i["doc_id"], i["error"]) for i in data.invalid}
-    assert reasons == {("2", "whitespace-only text"), (None, "null id (row 2 of c.parquet)"),
-                       ("4", "null text"), ("5", "empty text")}
-    by_id = {i["doc_id"]: i["heads"] for i in data.invalid}
-    assert by_id["4"] == ["all"] and sorted(by_id["2"]) == ["all", "en"]
+    docs, invalid = read_docs(str(path), list(range(6)), "id", "text", ["question"])
+    assert [d.doc_id for _, d in docs] == ["1", "6"] and docs[0][1].fields == {"question": "q1"}
+    assert {(i["row"], i["doc_id"], i["error"]) for i in invalid} == {
+        (1, "2", "whitespace-only text"), (2, None, "null id (row 2 of c.parquet)"), (3, "4", "null text"),
+        (4, "5", "empty text")}
+
+
+def test_read_docs_non_string_text_column(tmp_path):
+    path = tmp_path / "n.parquet"
+    pq.write_table(pa.table({"id": [1, 2], "text": [10, 20]}), path)
+    docs, invalid = read_docs(str(path), [0, 1], "id", "text", [])
+    assert docs == [] and [i["error"] for i in invalid] == ["text is not a string (int)"] * 2
+
+
+def test_plan_routes_finds_duplicates_and_skips_unchanged(tmp_path):
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3], "text": ["x", "y", "z"], "lang": ["en", "de", "en"]}), a)
+    pq.write_table(pa.table({"id": [2, 3, 4], "text": ["y", "CHANGED", "w"], "lang": ["de", "en", "en"]}), b)
+    heads = [PlanHead("all", None, (), "m1"), PlanHead("en", "lang = 'en'", (), "m1")]
+    plans, scanned, errors = plan_work(None, [str(a), str(b)], heads, "id", "text", unit_docs=2)
+    assert scanned == 6 and errors == []
+    p = plans["all"]
+    assert (p.routed, p.duplicates, p.conflicts, p.to_infer) == (6, 1, 1, 4)
+    assert [(u.path, u.rows) for u in p.units] == [(str(a), (0, 1)), (str(a), (2,)), (str(b), (2,))]
+    (refused,) = [u.refused for u in p.units if u.refused]
+    assert refused == ((1, "3", "duplicate id with different text (first seen in a.parquet row 2)"),)
+    en = plans["en"]
+    assert (en.routed, en.to_infer, en.conflicts) == (4, 3, 1)
+
+    # with state saying docs 1 and 2 are done with model m1, they are skipped; m2 would redo them
+    database = str(tmp_path / "r.duckdb")
+    db.ensure_schema(database)
+    fp = dict(zip([0, 1], p.units[0].fingerprints))
+    con = duckdb.connect(database)
+    con.execute("INSERT INTO doc_state VALUES ('all', '1', ?, 'm1', 'r0', 'done', now()), "
+                "('all', '2', ?, 'm1', 'r0', 'done', now())", [fp[0], fp[1]])
+    con.close()
+    plans, _, _ = plan_work(database, [str(a), str(b)], heads, "id", "text", unit_docs=10)
+    assert (plans["all"].unchanged, plans["all"].to_infer) == (2, 2)
+    plans, _, _ = plan_work(database, [str(a), str(b)], heads, "id", "text", unit_docs=10, full=True)
+    assert (plans["all"].unchanged, plans["all"].to_infer) == (0, 4)
+    other = [PlanHead("all", None, (), "m2")]
+    plans, _, _ = plan_work(database, [str(a), str(b)], other, "id", "text", unit_docs=10)
+    assert plans["all"].unchanged == 0
 
 
 def _stage(tmp_path, shard, rows, covered, run="r1"):
-    return stage_shard(tmp_path, shard, "topic", "classifications", rows, [], covered, run)
+    cov = [{"doc_id": d, "fingerprint": "fp-" + d, "status": "done"} for d in covered]
+    return stage_shard(tmp_path, shard, "topic", "classifications", "m", rows, [], cov, run)
 
 
 def _row(doc, label, run="r1"):
@@ -83,6 +120,10 @@ def test_load_shard_is_idempotent_and_replaces_rows(tmp_path):
     rows = con.execute("SELECT doc_id, label, run_id, scores['other'] FROM classifications ORDER BY doc_id").fetchall()
     con.close()
     assert rows == [("a", "z", "r2", 0.5), ("b", "y", "r1", 0.5)]
+    con = duckdb.connect(database, read_only=True)
+    state = con.execute("SELECT doc_id, run_id, status FROM doc_state ORDER BY doc_id").fetchall()
+    con.close()
+    assert state == [("a", "r2", "done"), ("b", "r1", "done")]
     assert not list(tmp_path.glob("s*.parquet"))  # loaded packages are cleaned up
 
 

@@ -1,0 +1,151 @@
+"""Incremental planning: which (head, document) pairs need inference in this run.
+
+One DuckDB pass per corpus file computes, for every row, the document id, a content fingerprint
+(sha256 of the text plus the extra columns a head reads, e.g. its question column) and whether each
+head's `where` routes it there. The fingerprints are compared with `doc_state` (what the database
+already holds, per head, and from which model): only new or changed documents are inferred, unless
+`full` is set. Duplicate ids are resolved here, over the whole corpus: the first occurrence wins,
+a later one with different text is reported, a later identical one is skipped.
+
+The database is attached read-only, so planning never blocks readers for long and never writes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import duckdb
+import pyarrow.parquet as pq
+
+
+@dataclass(frozen=True)
+class PlanHead:
+    name: str
+    where: str | None
+    extra_columns: tuple[str, ...]
+    model_id: str
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Rows of one file to run through one head (at most `unit_docs` of them)."""
+
+    path: str
+    rows: tuple[int, ...]
+    fingerprints: tuple[str | None, ...]
+    # rows refused at planning time: (row, doc_id, reason)
+    refused: tuple[tuple[int, str | None, str], ...] = ()
+
+    @property
+    def unit_id(self) -> str:
+        first = self.rows[0] if self.rows else (self.refused[0][0] if self.refused else 0)
+        return f"{Path(self.path).name}:{first}+{len(self.rows) + len(self.refused)}"
+
+
+@dataclass
+class HeadPlan:
+    units: list[WorkUnit] = field(default_factory=list)
+    routed: int = 0
+    unchanged: int = 0
+    to_infer: int = 0
+    duplicates: int = 0  # identical repeats of an id, skipped
+    conflicts: int = 0  # same id, different text: reported in failed_docs
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _fingerprint_sql(text_column: str, text_is_string: bool, extras: Sequence[str], present: set[str]) -> str:
+    if not text_is_string:
+        return "CAST(NULL AS VARCHAR)"
+    parts = [_q(text_column)] + [f"coalesce(CAST({_q(c)} AS VARCHAR), '')" if c in present else "''" for c in extras]
+    return "sha256(" + " || chr(0) || ".join(parts) + ")"
+
+
+def plan_work(database: str | None, files: Sequence[str], heads: Sequence[PlanHead], id_column: str,
+              text_column: str, unit_docs: int, full: bool = False) -> tuple[dict[str, HeadPlan], int, list[str]]:
+    """Plan every head over `files` (already checked readable): (plans, rows scanned, file error lines)."""
+    con = duckdb.connect()
+    errors: list[str] = []
+    try:
+        has_state = False
+        if database and Path(database).exists():
+            con.execute(f"ATTACH '{database.replace(chr(39), chr(39) * 2)}' AS results (READ_ONLY)")
+            has_state = bool(con.execute("SELECT 1 FROM duckdb_tables() WHERE database_name = 'results' "
+                                         "AND table_name = 'doc_state'").fetchone())
+        cols = ", ".join(f"fp_{i} VARCHAR, r_{i} BOOLEAN" for i in range(len(heads)))
+        con.execute(f"CREATE TEMP TABLE scan (file_no INTEGER, row BIGINT, doc_id VARCHAR, {cols})")
+        for file_no, path in enumerate(files):
+            schema = pq.read_schema(path)
+            present = set(schema.names)
+            text_type = schema.field(text_column).type
+            is_string = str(text_type) in ("string", "large_string", "string_view")
+            exprs = []
+            for i, h in enumerate(heads):
+                exprs.append(_fingerprint_sql(text_column, is_string, h.extra_columns, present) + f" AS fp_{i}")
+                exprs.append(f"coalesce(({h.where}), false) AS r_{i}" if h.where else f"true AS r_{i}")
+            try:
+                con.execute(
+                    f"INSERT INTO scan SELECT ?, file_row_number, CAST({_q(id_column)} AS VARCHAR), {', '.join(exprs)} "
+                    "FROM read_parquet(?, file_row_number = true)", [file_no, path])
+            except duckdb.Error as exc:
+                errors.append(f"{path}: cannot be planned ({str(exc).strip().splitlines()[0]})")
+        plans = {h.name: _plan_head(con, i, h, files, has_state, unit_docs, full) for i, h in enumerate(heads)}
+        (rows_scanned,) = con.execute("SELECT count(*) FROM scan").fetchone()
+        return plans, rows_scanned, errors
+    finally:
+        con.close()
+
+
+def _plan_head(con, i: int, head: PlanHead, files: Sequence[str], has_state: bool, unit_docs: int,
+               full: bool) -> HeadPlan:
+    state_join = ("LEFT JOIN results.doc_state d ON d.head = ? AND d.doc_id = s.doc_id" if has_state
+                  else "LEFT JOIN (SELECT NULL::VARCHAR AS fingerprint, NULL::VARCHAR AS model_id) d ON false")
+    params = [head.name] if has_state else []
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE classified AS
+        WITH routed AS (
+            SELECT file_no, row, doc_id, fp_{i} AS fp,
+                   row_number() OVER w AS occurrence,
+                   first_value(fp_{i}) OVER w AS first_fp,
+                   first_value(file_no) OVER w AS first_file,
+                   first_value(row) OVER w AS first_row
+            FROM scan WHERE r_{i}
+            WINDOW w AS (PARTITION BY doc_id ORDER BY file_no, row)
+        )
+        SELECT s.file_no, s.row, s.doc_id, s.fp,
+               CASE WHEN s.doc_id IS NULL OR s.occurrence = 1 THEN 'first'
+                    WHEN s.fp IS NOT DISTINCT FROM s.first_fp THEN 'repeat'
+                    ELSE 'conflict' END AS kind,
+               s.first_file, s.first_row,
+               coalesce(s.fp IS NOT NULL AND d.fingerprint = s.fp AND d.model_id = ?, false) AS unchanged
+        FROM routed s {state_join}""", [head.model_id] + params)
+    counts = dict(con.execute("SELECT kind || CASE WHEN kind = 'first' AND unchanged THEN '-unchanged' ELSE '' END, "
+                              "count(*) FROM classified GROUP BY ALL").fetchall())
+    # only the rows that need work come back to Python: memory follows the change, not the corpus
+    rows = con.execute("SELECT file_no, row, doc_id, fp, kind, first_file, first_row, unchanged FROM classified "
+                       "WHERE kind = 'conflict' OR (kind = 'first' AND (NOT unchanged OR ?)) "
+                       "ORDER BY file_no, row", [full]).fetchall()
+    plan = HeadPlan(routed=sum(counts.values()), duplicates=counts.get("repeat", 0),
+                    unchanged=0 if full else counts.get("first-unchanged", 0))
+    per_file: dict[int, list] = {}
+    for file_no, row, doc_id, fp, kind, first_file, first_row, unchanged in rows:
+        if kind == "conflict":
+            plan.conflicts += 1
+            reason = (f"duplicate id with different text (first seen in {Path(files[first_file]).name} "
+                      f"row {first_row})")
+            per_file.setdefault(file_no, []).append((row, doc_id, None, reason))
+            continue
+        plan.to_infer += 1
+        per_file.setdefault(file_no, []).append((row, doc_id, fp, None))
+    for file_no, items in per_file.items():
+        for k in range(0, len(items), unit_docs):
+            chunk = items[k:k + unit_docs]
+            plan.units.append(WorkUnit(
+                path=files[file_no],
+                rows=tuple(r for r, _, _, reason in chunk if reason is None),
+                fingerprints=tuple(fp for _, _, fp, reason in chunk if reason is None),
+                refused=tuple((r, d, reason) for r, d, _, reason in chunk if reason is not None)))
+    return plan
