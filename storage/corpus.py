@@ -25,12 +25,13 @@ class CorpusError(Exception):
 
 def corpus_files(spec: str) -> list[str]:
     p = Path(spec)
+    # broken links and unreadable files are kept: check_files names them instead of skipping silently
     if p.is_file():
         files = [str(p)]
     elif p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*.parquet") if f.is_file())
+        files = sorted(str(f) for f in p.rglob("*.parquet") if f.is_file() or f.is_symlink())
     else:
-        files = sorted(f for f in globlib.glob(spec, recursive=True) if os.path.isfile(f))
+        files = sorted(f for f in globlib.glob(spec, recursive=True) if os.path.isfile(f) or os.path.islink(f))
     if not files:
         raise CorpusError(f"corpus {spec!r}: no Parquet files found")
     return files
