@@ -8,10 +8,10 @@ from storage import db
 
 
 def _transient(task, task_run, state) -> bool:
-    """Retry only when the database was busy (another process held the lock)."""
+    """Retry when the database was busy or the disk hiccuped; anything else is terminal."""
     try:
         state.result()
-    except db.DatabaseBusy:
+    except (db.DatabaseBusy, OSError):
         return True
     except Exception:
         return False

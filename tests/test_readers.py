@@ -65,3 +65,25 @@ def test_second_run_on_the_same_database_is_refused(database):
                 pass
     with db.run_lock(database):  # released on exit
         pass
+
+
+def test_load_task_retries_transient_errors_only(prefect_harness, monkeypatch):
+    import tasks.load as load_tasks
+
+    calls = []
+
+    def flaky(database, manifest):
+        calls.append(manifest)
+        if manifest == "busy" and len(calls) == 1:
+            raise db.DatabaseBusy("locked")
+        if manifest == "broken":
+            raise ValueError("not transient")
+        return 3, 0
+
+    monkeypatch.setattr(load_tasks.db, "load_shard", flaky)
+    fast = load_tasks.load_shard.with_options(retry_delay_seconds=0)
+    assert fast("x.duckdb", "busy") == (3, 0) and calls == ["busy", "busy"]
+    calls.clear()
+    with pytest.raises(ValueError):
+        fast("x.duckdb", "broken")
+    assert calls == ["broken"]  # terminal: no retry
