@@ -65,13 +65,11 @@ def process_corpus(config_path: str, corpus: str | None = None, database: str | 
         start_run(cfg.database, run_id, cfg.source, cfg.corpus)
         try:
             s.recovered_rows = recover_staged(cfg.database, run_id)
-            from heads.loading import cached_head  # needed columns come from the loaded head
-
             plan_heads = []
             for h in cfg.heads:
-                s.heads[h.name].model_id = resolve_model(h, cfg.database)
-                plan_heads.append(PlanHead(h.name, h.where, tuple(cached_head(h).needed_columns()),
-                                           s.heads[h.name].model_id))
+                model_id, extra_columns = resolve_model(h, cfg.database)
+                s.heads[h.name].model_id = model_id
+                plan_heads.append(PlanHead(h.name, h.where, extra_columns, model_id))
             files, plans, s.docs_read, errors = plan_corpus(cfg.corpus, cfg.database, plan_heads, cfg.id_column,
                                                             cfg.text_column, cfg.unit_docs, full)
             s.files, s.file_errors = len(files), list(errors)
