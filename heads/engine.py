@@ -23,6 +23,15 @@ class DocResult:
     stage: str | None = None  # encode | forward | decode
 
 
+def _take(sorted_lengths: Sequence[int], budget: int, max_batch_size: int) -> int:
+    """How many of these ascending lengths fit one batch: max_len * size <= budget (at least one)."""
+    n = 1
+    while (n < len(sorted_lengths) and n < max_batch_size
+           and max(sorted_lengths[n], 1) * (n + 1) <= budget):
+        n += 1
+    return min(n, len(sorted_lengths))
+
+
 def plan_batches(lengths: Sequence[int], token_budget: int, max_batch_size: int = 512) -> list[list[int]]:
     """Group feature indices into batches, shortest first, so that max_len * size <= budget.
 
@@ -30,22 +39,34 @@ def plan_batches(lengths: Sequence[int], token_budget: int, max_batch_size: int 
     """
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order:
-        n = max(lengths[i], 1)
-        # sorted ascending, so the newcomer is the longest of the batch
-        if current and (n * (len(current) + 1) > token_budget or len(current) >= max_batch_size):
-            batches.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, n)
-    if current:
-        batches.append(current)
+    while order:
+        n = _take([lengths[i] for i in order[:max_batch_size]], token_budget, max_batch_size)
+        batches.append(order[:n])
+        order = order[n:]
     return batches
 
 
-_FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError)
+_FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    """Out of memory on CPU (MemoryError, allocator errors) or GPU (torch.OutOfMemoryError)."""
+    text = str(exc).lower()
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "out of memory" in text or "can't allocate memory" in text)
+
+
+def _release_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
 
 
 def _document_fault(exc: BaseException) -> bool:
@@ -60,8 +81,13 @@ def _describe(exc: BaseException) -> str:
 
 
 def pipe(head: Head, docs: Sequence[Doc], token_budget: int = DEFAULT_TOKEN_BUDGET,
-         max_batch_size: int = 512) -> list[DocResult]:
-    """Run `head` over `docs`; one DocResult per document, in input order."""
+         max_batch_size: int = 512, stats: dict | None = None) -> list[DocResult]:
+    """Run `head` over `docs`; one DocResult per document, in input order.
+
+    On out-of-memory the token budget is halved for the rest of the call and the batch retried;
+    a single feature that still does not fit fails its document only. `stats`, when given, receives
+    batches, padded and real token counts, OOM back-offs and the final budget.
+    """
     results = [DocResult(doc) for doc in docs]
     feats: list[Feature] = []
     for i, doc in enumerate(docs):
@@ -78,15 +104,32 @@ def pipe(head: Head, docs: Sequence[Doc], token_budget: int = DEFAULT_TOKEN_BUDG
 
     outs: list[Any] = [None] * len(feats)
     failed_feature: dict[int, str] = {}
+    lengths = [f.length for f in feats]
+    counters = {"batches": 0, "padded_tokens": 0, "real_tokens": sum(lengths), "oom_backoffs": 0}
+    budget = token_budget
 
     def run(idx: list[int]) -> None:
+        """Forward one batch; bisect on a document fault so only the bad feature fails."""
+        nonlocal budget
         try:
+            counters["batches"] += 1
+            counters["padded_tokens"] += max(lengths[j] for j in idx) * len(idx)
             batch_outs = head.forward([feats[j] for j in idx])
             if len(batch_outs) != len(idx):
                 raise RuntimeError(f"head returned {len(batch_outs)} outputs for {len(idx)} inputs")
         except BaseException as exc:
             if not _document_fault(exc):
                 raise
+            if _is_oom(exc):
+                _release_memory()
+                if len(idx) == 1:
+                    failed_feature[idx[0]] = f"out of memory on {lengths[idx[0]]} tokens ({_describe(exc)})"
+                    return
+                counters["oom_backoffs"] += 1
+                budget = max(budget // 2, 1)
+                for part in plan_batches([lengths[j] for j in idx], budget, max_batch_size):
+                    run([idx[k] for k in part])
+                return
             if len(idx) == 1:
                 failed_feature[idx[0]] = _describe(exc)
                 return
@@ -97,8 +140,13 @@ def pipe(head: Head, docs: Sequence[Doc], token_budget: int = DEFAULT_TOKEN_BUDG
         for j, o in zip(idx, batch_outs):
             outs[j] = o
 
-    for batch in plan_batches([f.length for f in feats], token_budget, max_batch_size):
-        run(batch)
+    pending = sorted(range(len(feats)), key=lambda j: (lengths[j], j))
+    while pending:  # one batch at a time, so a reduced budget applies to the rest at once
+        n = _take([lengths[j] for j in pending[:max_batch_size]], budget, max_batch_size)
+        run(pending[:n])
+        pending = pending[n:]
+    if stats is not None:
+        stats.update(counters, final_budget=budget)
 
     by_doc: dict[int, list[int]] = {}
     for j, f in enumerate(feats):

@@ -101,3 +101,41 @@ def test_tokenizer_panics_fail_one_document_but_interrupts_propagate():
     assert results[0].error is None and results[1].error == "PanicLike: tokenizer panicked"
     with pytest.raises(KeyboardInterrupt):
         pipe(PanicHead(), [Doc("c", "interrupt")])
+
+
+class MemoryHungryHead(EchoHead):
+    """Runs out of memory when a batch holds more than `limit` padded tokens."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = limit
+
+    def forward(self, feats):
+        padded = max(f.length for f in feats) * len(feats)
+        if padded > self.limit:
+            raise RuntimeError(f"DefaultCPUAllocator: can't allocate memory: you tried to allocate {padded}")
+        return super().forward(feats)
+
+
+def test_out_of_memory_halves_the_budget_and_quarantines_only_what_never_fits():
+    texts = [" ".join(["w"] * n) for n in (1, 2, 3, 4, 5, 3, 2, 1)] + [" ".join(["w"] * 40)]
+    docs = [Doc(str(i), t) for i, t in enumerate(texts)]
+    stats = {}
+    head = MemoryHungryHead(limit=6)
+    results = pipe(head, docs, token_budget=64, stats=stats)
+    assert stats["oom_backoffs"] >= 1 and stats["final_budget"] < 64
+    # every document but the one whose single window is too big succeeded, with correct outputs
+    for r, t in zip(results[:-1], texts[:-1]):
+        assert r.error is None and r.rows[0]["total"] == len(t.split())
+    assert results[-1].error.startswith("out of memory on 35 tokens")  # its 35-word window never fits
+
+
+def test_plan_batches_and_pipe_agree_on_batching():
+    texts = [" ".join(["w"] * n) for n in (3, 1, 4, 1, 5, 9, 2, 6)]
+    head = EchoHead()
+    stats = {}
+    pipe(head, [Doc(str(i), t) for i, t in enumerate(texts)], token_budget=12, stats=stats)
+    lengths = [len(t.split()) if len(t.split()) <= 5 else 5 for t in texts] + [
+        len(t.split()) - 5 for t in texts if len(t.split()) > 5]
+    assert head.batches == [len(b) for b in plan_batches(lengths, 12)]
+    assert stats["real_tokens"] == sum(lengths) and stats["padded_tokens"] >= stats["real_tokens"]
