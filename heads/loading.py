@@ -14,7 +14,20 @@ class ModelLoadError(Exception):
     """A head's model cannot be loaded; the message names the config key."""
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
+
+
+def quantize_int8(model):
+    """Dynamic int8 quantization of the Linear layers (CPU): weights int8, activations quantized per batch."""
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError("dtype int8 (dynamic quantization) runs on CPU only; use bfloat16 on GPU")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -45,6 +58,8 @@ def load_head(name: str, task: str, model: str, revision: str | None = None,
     if not getattr(tokenizer, "is_fast", False):
         raise ModelLoadError(f"heads.{name}.model: {model!r} has no fast tokenizer (offsets need one)")
     net.to(resolve_device(device)).eval()
+    if dtype == "int8":
+        net = quantize_int8(net)
     torch.set_num_threads(int(os.environ.get("TASKHEADS_THREADS", torch.get_num_threads())))
     return cls(name, net, tokenizer, params)
 

@@ -176,7 +176,7 @@ def decode_choices(choices: Sequence[str], logits: Sequence[float], truncated: S
 
 
 def _unique(items: Sequence[str]) -> list[str]:
-    return list(items)
+    return list(dict.fromkeys(items))
 
 
 def _column_choices(value: Any, column: str) -> list[str]:

@@ -10,6 +10,7 @@ HEADS: dict[str, str] = {
     "ner": "heads.ner:NerHead",
     "qa": "heads.qa:QuestionAnsweringHead",
     "translation": "heads.translation:TranslationHead",
+    "multiple_choice": "heads.multiple_choice:MultipleChoiceHead",
 }
 
 

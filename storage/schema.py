@@ -23,6 +23,10 @@ RESULT_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("n_windows", pa.int32()),
     ],
     "translations": [pa.field("translation", pa.string()), pa.field("n_segments", pa.int32())],
+    "choices": [
+        pa.field("choice", pa.string()), pa.field("score", pa.float64()), pa.field("logit", pa.float64()),
+        pa.field("rank", pa.int32()), pa.field("truncated", pa.bool_()),
+    ],
 }
 FAILED_FIELDS = [pa.field("error", pa.string()), pa.field("stage", pa.string()),
                  pa.field("source_file", pa.string()), pa.field("source_row", pa.int64())]
@@ -36,7 +40,8 @@ def arrow_schema(table: str) -> pa.Schema:
     return pa.schema(KEY_FIELDS + fields + LINEAGE_FIELDS)
 
 
-_DUCK_TYPES = {pa.string(): "VARCHAR", pa.float64(): "DOUBLE", pa.int32(): "INTEGER", pa.int64(): "BIGINT"}
+_DUCK_TYPES = {pa.string(): "VARCHAR", pa.float64(): "DOUBLE", pa.int32(): "INTEGER", pa.int64(): "BIGINT",
+               pa.bool_(): "BOOLEAN"}
 
 
 def _duck_type(t: pa.DataType) -> str:

@@ -34,7 +34,7 @@ HEAD_KEYS = {
     "model": "local model folder or hub id",
     "revision": "hub revision (branch, tag or commit) passed to from_pretrained",
     "where": "SQL predicate over corpus columns routing documents to this head",
-    "dtype": "float32 | bfloat16",
+    "dtype": "float32 | bfloat16 | int8 (dynamic quantization of Linear layers, CPU)",
     "device": "auto | cpu | cuda | cuda:N",
     "batch_tokens": "padded-token budget per batch",
     "trust_remote_code": "allow model code from the hub (off by default)",
@@ -122,8 +122,8 @@ def parse_head(name: str, raw: Any, base: Path) -> HeadConfig:
                            ("batch_tokens", (int,), "an integer"), ("trust_remote_code", (bool,), "true or false")):
         if k in raw:
             _check_type(f"{key}.{k}", raw[k], types, what)
-    if raw.get("dtype", "float32") not in ("float32", "bfloat16"):
-        raise ConfigError(f"{key}.dtype: must be 'float32' or 'bfloat16', not {raw['dtype']!r}")
+    if raw.get("dtype", "float32") not in ("float32", "bfloat16", "int8"):
+        raise ConfigError(f"{key}.dtype: must be 'float32', 'bfloat16' or 'int8', not {raw['dtype']!r}")
     if raw.get("batch_tokens", 4096) < 16:
         raise ConfigError(f"{key}.batch_tokens: must be at least 16")
     if "where" in raw and not raw["where"].strip():
