@@ -214,7 +214,7 @@ def gen_docs() -> list[Doc]:
     return docs
 
 
-@pytest.mark.parametrize("arch, eos_bias", [("llama", 7.0), ("gpt2", 3.0)])
+@pytest.mark.parametrize("arch, eos_bias", [("llama", 3.0), ("gpt2", 3.0)])
 def test_batched_generation_matches_generation_alone(models, monkeypatch, arch, eos_bias):
     head = load(models[arch], eos_bias=eos_bias, mode="generate", prompt=PROMPT, max_new_tokens=MAX_NEW)
     assert head.table == "generations"
