@@ -109,7 +109,7 @@ def trim_new_tokens(row: Sequence[int], prompt_width: int, eos_ids: Collection[i
     ids = [int(t) for t in row[prompt_width:]]
     for k, t in enumerate(ids):
         if t in eos_ids:
-            return ids[:k]
+            return ids[:k + 1]
     return ids
 
 

@@ -11,6 +11,8 @@ HEADS: dict[str, str] = {
     "qa": "heads.qa:QuestionAnsweringHead",
     "translation": "heads.translation:TranslationHead",
     "multiple_choice": "heads.multiple_choice:MultipleChoiceHead",
+    "causal_lm": "heads.causal_lm:CausalLMHead",
+    "masked_lm": "heads.masked_lm:MaskedLMHead",
 }
 
 

@@ -23,6 +23,19 @@ RESULT_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("n_windows", pa.int32()),
     ],
     "translations": [pa.field("translation", pa.string()), pa.field("n_segments", pa.int32())],
+    "lm_scores": [
+        pa.field("perplexity", pa.float64()), pa.field("mean_nll", pa.float64()),  # causal_lm
+        pa.field("pseudo_perplexity", pa.float64()), pa.field("mean_log_prob", pa.float64()),  # masked_lm
+        pa.field("n_tokens", pa.int64()), pa.field("n_windows", pa.int32()),
+    ],
+    "generations": [
+        pa.field("prompt_id", pa.int32()), pa.field("text", pa.string()),
+        pa.field("n_new_tokens", pa.int32()), pa.field("finish_reason", pa.string()),
+    ],
+    "fill_mask": [
+        pa.field("mask_index", pa.int32()), pa.field("token", pa.string()), pa.field("token_id", pa.int64()),
+        pa.field("score", pa.float64()), pa.field("rank", pa.int32()),
+    ],
     "choices": [
         pa.field("choice", pa.string()), pa.field("score", pa.float64()), pa.field("logit", pa.float64()),
         pa.field("rank", pa.int32()), pa.field("truncated", pa.bool_()),

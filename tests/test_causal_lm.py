@@ -43,6 +43,15 @@ def build_causal_lm(path, arch: str, max_len: int = MAX_LEN, seed: int = 0, hidd
     return str(path)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; one avoids oversubscribing a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("causal_lm")
@@ -202,9 +211,9 @@ EOS = 102
 def reference_generate(head: CausalLMHead, ids: list[int], max_new_tokens: int) -> list[int]:
     """generate() on one prompt alone: batch of one, no padding; it stops at eos, so nothing to trim."""
     with torch.inference_mode():
-        out = head.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                  pad_token_id=0, eos_token_id=EOS)
+        x = torch.tensor([ids])
+        out = head.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                  do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=EOS)
     return out[0, len(ids):].tolist()
 
 
@@ -275,7 +284,8 @@ def test_too_long_prompt_fails_with_a_clear_error(models):
     assert n + MAX_NEW > 128
     results = pipe(head, [Doc("ok", "Short text."), Doc("long", long_text)])
     assert results[0].error is None and results[0].rows[0]["n_new_tokens"] == MAX_NEW
-    assert results[1].error == f"ValueError: prompt of {n} tokens + max_new_tokens {MAX_NEW} exceed the model window 128"
+    assert results[1].error == (f"ValueError: prompt of {n} tokens + max_new_tokens {MAX_NEW} "
+                                "exceed the model window 128")
     assert results[1].stage == "encode" and results[1].rows == []
 
     # the limit is exact: a prompt that fills the window with max_new_tokens generates up to position 127

@@ -44,6 +44,16 @@ LONG_WORDS = ("Alexander von Humboldt travelled from Berlin to Caracas with Aim√
 TOP_K = 5
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the thread
+    barriers of an oversubscribed pool make each small call ~50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def build_mlm(path, max_len: int, seed: int = 0, hidden: int = 32, layers: int = 2, init_range: float = 0.2):
     """A tiny random BertForMaskedLM over the BERT WordPiece vocabulary, saved like a hub model."""
     from transformers import BertConfig, BertForMaskedLM
