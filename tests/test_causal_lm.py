@@ -18,29 +18,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaC
 from heads.base import Doc, Feature
 from heads.causal_lm import CausalLMHead, combine_windows, perplexity_windows, trim_new_tokens
 from heads.engine import pipe
-from taskheads.tiny_models import base_tokenizer
+from taskheads.tiny_models import base_tokenizer, build_causal_lm
 
 MAX_LEN = 128
 PROMPT = "Document: {text}\nContinue:"
 
 
-def build_causal_lm(path, arch: str, max_len: int = MAX_LEN, seed: int = 0, hidden: int = 32) -> str:
-    """A tiny random decoder-only model speaking the BERT vocabulary: bos=[CLS], eos=[SEP], pad=[PAD]."""
-    torch.manual_seed(seed)
-    tok = base_tokenizer(max_len)
-    tok.bos_token, tok.eos_token = tok.cls_token, tok.sep_token
-    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
-    if arch == "gpt2":  # learned absolute positions: left padding needs position ids from the mask
-        cfg = GPT2Config(vocab_size=tok.vocab_size, n_embd=hidden, n_layer=2, n_head=2, n_positions=max_len,
-                         initializer_range=0.2, **ids)
-    else:  # llama: rotary positions, untied output layer
-        cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
-                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                          max_position_embeddings=max_len, initializer_range=0.2, tie_word_embeddings=False, **ids)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,8 +38,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("causal_lm")
-    return {"llama": build_causal_lm(root / "llama", "llama", seed=0),
-            "gpt2": build_causal_lm(root / "gpt2", "gpt2", seed=1)}
+    return {"llama": build_causal_lm(root / "llama", "llama", max_len=MAX_LEN, seed=0),
+            "gpt2": build_causal_lm(root / "gpt2", "gpt2", max_len=MAX_LEN, seed=1)}
 
 
 def load(path: str, eos_bias: float = 0.0, max_len: int | None = None, **params) -> CausalLMHead:
