@@ -1,6 +1,6 @@
 """taskheads benchmark: every ratio is against a baseline measured in the same run, same process.
 
-    .venv/bin/python benchmarks/run.py [--docs 600] [--sections roofline,classify,precision,ner,translate,load,e2e,rss]
+    .venv/bin/python benchmarks/run.py [--docs 600] [--sections roofline,classify,precision,ner,translate,seed,load,e2e,rss]
 
 Prints a markdown report. Throughput figures depend on the machine; ratios hold better.
 """
@@ -216,6 +216,70 @@ def section_translate(report, texts, tmp):
                   f"{t_naive / t_us:.2f} |")
 
 
+def section_seed_heads(report, texts, tmp):
+    """masked_lm, causal_lm, multiple_choice: the engine vs one document at a time (same model)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForMultipleChoice, AutoTokenizer
+
+    from heads.base import Doc
+    from heads.causal_lm import CausalLMHead
+    from heads.engine import pipe
+    from heads.masked_lm import MaskedLMHead
+    from heads.multiple_choice import MultipleChoiceHead
+    from taskheads.tiny_models import build_bert, build_causal_lm
+
+    sample = [t for t in texts if len(t.split()) < 120][:96]
+    docs = [Doc(str(i), t) for i, t in enumerate(sample)]
+    report.append(f"\n## Remaining seed heads ({len(sample)} docs, small random models: hidden 128, 4 layers)\n")
+    report.append("| head | runner | docs/s | × one doc at a time |")
+    report.append("|---|---|---|---|")
+
+    def row(name, t_ref, t_us):
+        report.append(f"| {name} | one document at a time | {len(sample) / t_ref:.1f} | 1.00 |")
+        report.append(f"| {name} | taskheads engine | {len(sample) / t_us:.1f} | {t_ref / t_us:.2f} |")
+
+    clm = build_causal_lm(tmp / "clm", "llama", max_len=512, hidden=128)
+    model, tok = AutoModelForCausalLM.from_pretrained(clm).eval(), AutoTokenizer.from_pretrained(clm)
+    head = CausalLMHead("lm", model, tok, {"mode": "perplexity"})
+    with torch.inference_mode():
+        t_ref = timed(lambda: [model(torch.tensor([tok(t)["input_ids"]])).logits for t in sample])
+        t_us = timed(lambda: pipe(head, docs))
+    row("causal_lm perplexity", t_ref, t_us)
+
+    mlm = build_bert(tmp / "mlm", "masked_lm", max_len=512, hidden=128, layers=4)
+    model, tok = AutoModelForMaskedLM.from_pretrained(mlm).eval(), AutoTokenizer.from_pretrained(mlm)
+    head = MaskedLMHead("mlm", model, tok, {"mode": "pseudo_perplexity"})
+    few = docs[:24]
+
+    def naive_pppl():  # one forward per masked copy
+        for d in few:
+            ids = tok(d.text)["input_ids"]
+            for k in range(1, len(ids) - 1):
+                masked = list(ids)
+                masked[k] = tok.mask_token_id
+                model(torch.tensor([masked]))
+
+    with torch.inference_mode():
+        t_ref = timed(naive_pppl)
+        t_us = timed(lambda: pipe(head, few, token_budget=2048))
+    report.append(f"| masked_lm pseudo-perplexity ({len(few)} docs) | one masked copy at a time | "
+                  f"{len(few) / t_ref:.2f} | 1.00 |")
+    report.append(f"| masked_lm pseudo-perplexity ({len(few)} docs) | taskheads engine | {len(few) / t_us:.2f} | "
+                  f"{t_ref / t_us:.2f} |")
+
+    mc = build_bert(tmp / "mc", "multiple_choice", max_len=512, hidden=128, layers=4)
+    model, tok = AutoModelForMultipleChoice.from_pretrained(mc).eval(), AutoTokenizer.from_pretrained(mc)
+    choices = ["business", "politics", "sport", "technology"]
+    head = MultipleChoiceHead("mc", model, tok, {"choices": choices})
+    with torch.inference_mode():
+        def native():
+            for t in sample:
+                enc = tok([t] * len(choices), choices, return_tensors="pt", padding=True, truncation="only_first")
+                model(**{k: v.unsqueeze(0) for k, v in enc.items()})
+        t_ref = timed(native)
+        t_us = timed(lambda: pipe(head, docs))
+    row("multiple_choice (4 options)", t_ref, t_us)
+
+
 def section_load(report, tmp):
     import pyarrow as pa
 
@@ -303,7 +367,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=600)
     ap.add_argument("--e2e-docs", type=int, default=5000)
-    ap.add_argument("--sections", default="roofline,classify,precision,ner,translate,load,e2e,rss")
+    ap.add_argument("--sections", default="roofline,classify,precision,ner,translate,seed,load,e2e,rss")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     torch.set_num_threads(int(os.environ.get("TASKHEADS_THREADS", torch.get_num_threads())))
@@ -322,6 +386,8 @@ def main() -> None:
             section_precision(report, texts, paths)
         if "ner" in sections:
             section_ner(report, texts, paths)
+        if "seed" in sections:
+            section_seed_heads(report, texts, tmp)
         if "translate" in sections:
             section_translate(report, texts, tmp)
         if "load" in sections:

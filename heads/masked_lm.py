@@ -133,23 +133,39 @@ class MaskedLMHead(Head):
         return feats
 
     # --- forward ------------------------------------------------------------------------
-    def forward(self, feats: Sequence[Feature]) -> list[Any]:
-        logits = self.run_encoder(feats).logits  # [batch, length, vocab]
+    def _logits_at(self, feats: Sequence[Feature], rows: list[int], cols: list[int]) -> torch.Tensor:
+        """Vocabulary logits at (feature, position) pairs only.
+
+        The LM head (hidden -> vocabulary) is applied to the masked positions, not to every token
+        of the batch: for a 30k vocabulary that is most of the work and most of the memory. Models
+        whose head is not a separate position-wise module fall back to the full logits.
+        """
         with torch.inference_mode():
-            if self.mode == "pseudo_perplexity":
-                rows = torch.arange(len(feats), device=logits.device)
-                cols = torch.tensor([f.meta["position"] for f in feats], dtype=torch.long, device=logits.device)
-                targets = torch.tensor([f.meta["target_id"] for f in feats], dtype=torch.long, device=logits.device)
-                logp = logits[rows, cols].float().log_softmax(dim=-1)
-                picked = logp.gather(1, targets[:, None])[:, 0].cpu().numpy()
-                return [float(x) for x in picked]
-            outs = []
-            for i, f in enumerate(feats):
-                pos = torch.tensor(f.meta["positions"], dtype=torch.long, device=logits.device)
-                probs = logits[i, pos].float().softmax(dim=-1).cpu().numpy()
-                ids, scores = top_k(probs, self.top_k)
-                outs.append({"token_ids": ids, "scores": scores})
-            return outs
+            batch = self.collate(feats)
+            r = torch.tensor(rows, dtype=torch.long, device=self.device)
+            c = torch.tensor(cols, dtype=torch.long, device=self.device)
+            head = next((getattr(self.model, n) for n in ("cls", "lm_head") if hasattr(self.model, n)), None)
+            if head is not None:
+                hidden = self.model.base_model(**batch).last_hidden_state
+                return head(hidden[r, c]).float()
+            return self.model(**batch).logits[r, c].float()
+
+    def forward(self, feats: Sequence[Feature]) -> list[Any]:
+        if self.mode == "pseudo_perplexity":
+            logits = self._logits_at(feats, list(range(len(feats))), [f.meta["position"] for f in feats])
+            targets = torch.tensor([f.meta["target_id"] for f in feats], dtype=torch.long, device=logits.device)
+            picked = logits.log_softmax(dim=-1).gather(1, targets[:, None])[:, 0].cpu().numpy()
+            return [float(x) for x in picked]
+        rows = [i for i, f in enumerate(feats) for _ in f.meta["positions"]]
+        cols = [p for f in feats for p in f.meta["positions"]]
+        probs = self._logits_at(feats, rows, cols).softmax(dim=-1).cpu().numpy()
+        outs, k = [], 0
+        for f in feats:
+            n = len(f.meta["positions"])
+            ids, scores = top_k(probs[k:k + n], self.top_k)
+            outs.append({"token_ids": ids, "scores": scores})
+            k += n
+        return outs
 
     # --- decode -------------------------------------------------------------------------
     def decode(self, doc: Doc, feats: Sequence[Feature], outs: Sequence[Any]) -> list[dict]:
