@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -147,7 +146,7 @@ def section_precision(report, texts, paths):
 
 
 def section_ner(report, texts, paths):
-    from transformers import AutoModelForTokenClassification, pipeline
+    from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
 
     from heads.base import Doc
     from heads.engine import pipe
@@ -160,8 +159,6 @@ def section_ner(report, texts, paths):
     torch.manual_seed(0)
     model = AutoModelForTokenClassification.from_pretrained(
         path, id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)}).eval()
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(path)
     head = NerHead("ner", model, tok, {"aggregation": "simple"})
     hf = pipeline("token-classification", model=model, tokenizer=tok, aggregation_strategy="simple", device=-1)
@@ -179,7 +176,7 @@ def section_ner(report, texts, paths):
 
 
 def section_translate(report, texts, tmp):
-    from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration
+    from transformers import BartConfig, BartForConditionalGeneration
 
     from heads.base import Doc
     from heads.engine import pipe
@@ -283,8 +280,6 @@ def section_seed_heads(report, texts, tmp):
 
 
 def section_load(report, tmp):
-    import pyarrow as pa
-
     from storage import db
     from storage.staging import stage_shard
 

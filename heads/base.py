@@ -7,8 +7,9 @@ they can be unit-tested with hand-made logits.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -139,6 +140,52 @@ def collate(feats: Sequence[Feature], pad_id: int, device: Any = "cpu", left: bo
     if has_types:
         batch["token_type_ids"] = torch.from_numpy(types).to(device)
     return batch
+
+
+def unique(items: Sequence[str]) -> list[str]:
+    """Items without repeats, first occurrence kept (order matters: it is the user's order)."""
+    return list(dict.fromkeys(items))
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def strings_from_column(value: Any, column: str, what: str) -> list[str]:
+    """Strings from a corpus cell that holds one string or a list of them; nulls and blanks dropped.
+
+    Used for per-document questions and options; anything else fails the document with a reason.
+    """
+    if _is_null(value):
+        return []
+    if isinstance(value, str):
+        values = [value]
+    elif isinstance(value, (bytes, Mapping)) or not hasattr(value, "__iter__"):
+        raise DocumentError(f"{what} column {column!r} holds {type(value).__name__}; "
+                            "expected a string or a list of strings")
+    else:
+        values = list(value)
+    out = []
+    for v in values:
+        if _is_null(v):
+            continue
+        if not isinstance(v, str):
+            raise DocumentError(f"{what} column {column!r} holds a {type(v).__name__} item; expected strings")
+        if v.strip():
+            out.append(v.strip())
+    return out
+
+
+def trim_generated(row: Sequence[int], eos_ids: Collection[int], prompt_len: int = 1) -> list[int]:
+    """The new tokens of one row of `generate()` output: the prompt (decoder start token, or the
+    padded prompt of a decoder-only model) dropped and everything after the first end-of-sequence
+    token (the padding of finished rows) cut; the eos itself is kept. Pad ids are not stripped:
+    T5 uses pad as decoder start and a model may generate it mid-output."""
+    ids = [int(t) for t in row[prompt_len:]]
+    for k, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[:k + 1]
+    return ids
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:

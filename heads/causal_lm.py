@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Collection, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from .base import Doc, Feature, Head
+from .base import Doc, Feature, Head, trim_generated
 
 MODES = ("perplexity", "generate")
 TABLES = {"perplexity": "lm_scores", "generate": "generations"}
@@ -101,16 +101,6 @@ def combine_windows(window_nlls: Sequence[np.ndarray]) -> dict:
     except OverflowError:
         ppl = math.inf
     return {"perplexity": ppl, "n_tokens": n, "mean_nll": mean, "n_windows": len(window_nlls)}
-
-
-def trim_new_tokens(row: Sequence[int], prompt_width: int, eos_ids: Collection[int]) -> list[int]:
-    """The generated tokens of one row of a decoder-only `generate()` output: the (padded) prompt
-    dropped and everything after the first eos (the padding of finished rows) cut; the eos is kept."""
-    ids = [int(t) for t in row[prompt_width:]]
-    for k, t in enumerate(ids):
-        if t in eos_ids:
-            return ids[:k + 1]
-    return ids
 
 
 class CausalLMHead(Head):
@@ -258,7 +248,7 @@ class CausalLMHead(Head):
             torch.manual_seed(self.p["seed"])  # per generate() call: reproducible for the same batch
         with torch.inference_mode():
             out = self.model.generate(**batch, generation_config=self.generation_config)
-        return [trim_new_tokens(row, width, self.eos_ids) for row in out.cpu().tolist()]
+        return [trim_generated(row, self.eos_ids, prompt_len=width) for row in out.cpu().tolist()]
 
     def decode(self, doc: Doc, feats: Sequence[Feature], outs: Sequence[Any]) -> list[dict]:
         if self.mode == "perplexity":

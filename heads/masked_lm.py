@@ -37,7 +37,7 @@ import torch
 from transformers import AutoModelForMaskedLM
 
 from .base import Doc, DocumentError, Feature, Head
-from .ner import choose_windows, window_positions
+from .ner import choose_windows, tokenize_windows
 
 MODES = ("fill_mask", "pseudo_perplexity")
 TABLES = {"fill_mask": "fill_mask", "pseudo_perplexity": "lm_scores"}
@@ -84,23 +84,7 @@ class MaskedLMHead(Head):
 
     # --- encode -------------------------------------------------------------------------
     def _windows(self, text: str) -> dict:
-        enc = self.tokenizer(text, truncation=True, max_length=self.window, stride=self.stride,
-                             return_overflowing_tokens=True, return_offsets_mapping=True,
-                             return_special_tokens_mask=True)
-        ids = enc["input_ids"]
-        if not ids or not isinstance(ids[0], list):  # some tokenizers do not nest a single window
-            enc = {k: [v] for k, v in enc.items()}
-            ids = enc["input_ids"]
-        types = enc.get("token_type_ids")
-        specials = [list(m) for m in enc["special_tokens_mask"]]
-        offsets = [[(int(s), int(e)) for s, e in om] for om in enc["offset_mapping"]]
-        try:
-            positions = window_positions(specials, self.stride, offsets)
-        except ValueError as exc:
-            raise DocumentError(str(exc)) from None
-        return {"ids": [list(map(int, w)) for w in ids],
-                "types": [list(t) for t in types] if types is not None else None,
-                "positions": positions}
+        return tokenize_windows(self.tokenizer, text, self.window, self.stride)
 
     def encode(self, doc: Doc) -> list[Feature]:
         if self.mode == "fill_mask":

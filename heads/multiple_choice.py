@@ -22,14 +22,13 @@ so the pair fits the model window: long documents are never cut silently).
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from transformers import AutoModelForMultipleChoice
 
-from .base import Doc, DocumentError, Feature, Head, softmax
+from .base import Doc, DocumentError, Feature, Head, softmax, strings_from_column, unique
 
 
 class TooFewChoicesError(DocumentError, ValueError):
@@ -67,12 +66,12 @@ class MultipleChoiceHead(Head):
             raise ValueError(f"prompt must contain the placeholder {{text}}, got {prompt!r}")
         if not choices and not column:
             raise ValueError("the multiple_choice head needs options: set `choices` and/or `choices_column`")
-        if not column and len(_unique([c.strip() for c in choices])) < 2:
+        if not column and len(unique([c.strip() for c in choices])) < 2:
             raise ValueError(f"choices needs at least 2 distinct options when no choices_column is set, "
                              f"got {list(choices)!r}")
 
     def setup(self) -> None:
-        self.choices = _unique([c.strip() for c in (self.p["choices"] or [])])
+        self.choices = unique([c.strip() for c in (self.p["choices"] or [])])
         self.choices_column = self.p["choices_column"]
         self.prompt = self.p["prompt"]
         self.window = self.max_length()
@@ -92,8 +91,8 @@ class MultipleChoiceHead(Head):
         if column:
             if column not in doc.fields:
                 raise DocumentError(f"choices column {column!r} is missing from the document's fields")
-            choices.extend(_column_choices(doc.fields[column], column))
-        choices = _unique(choices)
+            choices.extend(strings_from_column(doc.fields[column], column, "choices"))
+        choices = unique(choices)
         if len(choices) < 2:
             raise TooFewChoicesError(
                 f"fewer than 2 choices for this document ({len(choices)}: {choices!r}); "
@@ -173,33 +172,3 @@ def decode_choices(choices: Sequence[str], logits: Sequence[float], truncated: S
     rank[order] = np.arange(1, len(x) + 1)
     return [{"choice": c, "score": float(probs[k]), "logit": float(x[k]), "rank": int(rank[k]),
              "truncated": bool(truncated[k])} for k, c in enumerate(choices)]
-
-
-def _unique(items: Sequence[str]) -> list[str]:
-    return list(dict.fromkeys(items))
-
-
-def _column_choices(value: Any, column: str) -> list[str]:
-    """Options from a choices-column value: a string or a list of strings; nulls and blanks dropped."""
-    if _is_null(value):
-        return []
-    if isinstance(value, str):
-        values = [value]
-    elif isinstance(value, (bytes, Mapping)) or not hasattr(value, "__iter__"):
-        raise DocumentError(f"choices column {column!r} holds {type(value).__name__}; "
-                            "expected a string or a list of strings")
-    else:
-        values = list(value)
-    out = []
-    for v in values:
-        if _is_null(v):
-            continue
-        if not isinstance(v, str):
-            raise DocumentError(f"choices column {column!r} holds a {type(v).__name__} item; expected strings")
-        if v.strip():
-            out.append(v.strip())
-    return out
-
-
-def _is_null(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))

@@ -27,6 +27,26 @@ AGGREGATIONS = ("none", "simple", "first", "average", "max")
 WORD_AGGREGATIONS = ("first", "average", "max")
 
 
+def tokenize_windows(tokenizer, text: str, window: int, stride: int) -> dict:
+    """Overlapping windows of a document with offsets and, per window, each position's document
+    token index (-1 for special tokens): what heads that predict per token need for long texts."""
+    enc = tokenizer(text, truncation=True, max_length=window, stride=stride, return_overflowing_tokens=True,
+                    return_offsets_mapping=True, return_special_tokens_mask=True)
+    ids = enc["input_ids"]
+    if not ids or not isinstance(ids[0], list):  # some tokenizers do not nest a single window
+        enc = {k: [v] for k, v in enc.items()}
+        ids = enc["input_ids"]
+    types = enc.get("token_type_ids")
+    specials = [list(m) for m in enc["special_tokens_mask"]]
+    offsets = [[(int(s), int(e)) for s, e in om] for om in enc["offset_mapping"]]
+    try:
+        positions = window_positions(specials, stride, offsets)
+    except ValueError as exc:
+        raise DocumentError(str(exc)) from None
+    return {"ids": [list(map(int, w)) for w in ids], "types": [list(t) for t in types] if types is not None else None,
+            "offsets": offsets, "positions": positions}
+
+
 class NerHead(Head):
     task = "ner"
     table = "entities"
@@ -69,23 +89,10 @@ class NerHead(Head):
         self.unk_id = self.tokenizer.unk_token_id
 
     def encode(self, doc: Doc) -> list[Feature]:
-        enc = self.tokenizer(doc.text, truncation=True, max_length=self.window, stride=self.stride,
-                             return_overflowing_tokens=True, return_offsets_mapping=True,
-                             return_special_tokens_mask=True)
-        ids = enc["input_ids"]
-        if not ids or not isinstance(ids[0], list):  # some tokenizers do not nest a single window
-            enc = {k: [v] for k, v in enc.items()}
-            ids = enc["input_ids"]
-        types = enc.get("token_type_ids")
-        specials = [list(m) for m in enc["special_tokens_mask"]]
-        offsets = [[(int(s), int(e)) for s, e in om] for om in enc["offset_mapping"]]
-        try:
-            positions = window_positions(specials, self.stride, offsets)
-        except ValueError as exc:
-            raise DocumentError(str(exc)) from None
-        return [Feature(0, list(w), list(types[k]) if types is not None else None,
-                        {"window": k, "offsets": offsets[k], "positions": positions[k].tolist()})
-                for k, w in enumerate(ids)]
+        w = tokenize_windows(self.tokenizer, doc.text, self.window, self.stride)
+        return [Feature(0, ids, w["types"][k] if w["types"] is not None else None,
+                        {"window": k, "offsets": w["offsets"][k], "positions": w["positions"][k].tolist()})
+                for k, ids in enumerate(w["ids"])]
 
     def forward(self, feats: Sequence[Feature]) -> list[np.ndarray]:
         logits = self.run_encoder(feats).logits.float().cpu().numpy()

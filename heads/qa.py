@@ -32,12 +32,12 @@ logits, context masks and offsets, so they can be tested with hand-made logits.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from transformers import AutoModelForQuestionAnswering
 
-from .base import Doc, DocumentError, Feature, Head, softmax
+from .base import Doc, DocumentError, Feature, Head, softmax, strings_from_column, unique
 
 UNDESIRED_LOGIT = -10000.0  # the value the HF pipeline gives to non-context tokens
 
@@ -84,7 +84,7 @@ class QuestionAnsweringHead(Head):
             raise ValueError(f"doc_stride ({p['doc_stride']}) must be smaller than max_seq_len ({p['max_seq_len']})")
 
     def setup(self) -> None:
-        self.questions = _unique([q.strip() for q in (self.p["questions"] or [])])
+        self.questions = unique([q.strip() for q in (self.p["questions"] or [])])
         self.question_column = self.p["question_column"]
         self.doc_stride = self.p["doc_stride"]
         # a model with a shorter limit caps the window; a stride that no longer fits is then
@@ -114,8 +114,8 @@ class QuestionAnsweringHead(Head):
         if column:
             if column not in doc.fields:
                 raise DocumentError(f"question column {column!r} is missing from the document's fields")
-            questions.extend(_column_questions(doc.fields[column], column))
-        return _unique(questions)
+            questions.extend(strings_from_column(doc.fields[column], column, "question"))
+        return unique(questions)
 
     # --- the contract -------------------------------------------------------------------
     def encode(self, doc: Doc) -> list[Feature]:
@@ -280,34 +280,3 @@ def decode_answer(text: str, question: str, start_logits: Sequence[np.ndarray], 
         raise ValueError(f"span offsets ({start_char}, {end_char}) do not fit a text of {len(text)} characters")
     row.update(answer=text[start_char:end_char], start_char=start_char, end_char=end_char, score=float(score))
     return row
-
-
-def _unique(items: Sequence[str]) -> list[str]:
-    return list(dict.fromkeys(items))
-
-
-def _column_questions(value: Any, column: str) -> list[str]:
-    """Questions from a question-column value: a string or a list of strings; nulls and blanks dropped."""
-    if _is_null(value):
-        return []
-    if isinstance(value, str):
-        values = [value]
-    elif isinstance(value, (bytes, Mapping)) or not hasattr(value, "__iter__"):
-        raise DocumentError(f"question column {column!r} holds {type(value).__name__}; "
-                            "expected a string or a list of strings")
-    else:
-        values = list(value)
-    out = []
-    for v in values:
-        if _is_null(v):
-            continue
-        if not isinstance(v, str):
-            raise DocumentError(f"question column {column!r} holds a {type(v).__name__} item; "
-                                "expected strings")
-        if v.strip():
-            out.append(v.strip())
-    return out
-
-
-def _is_null(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))

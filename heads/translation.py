@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Collection, Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
-from .base import Doc, Feature, Head
+from .base import Doc, Feature, Head, trim_generated
 
 # End of a sentence: ., !, ? or an ellipsis (with closing quotes or brackets) followed by whitespace,
 # CJK full-width sentence ends, or a line break. "3.14" and "e.g.," are not boundaries.
@@ -154,16 +154,6 @@ def _token_windows(text: str, span: tuple[int, int], budget: int, limit: int, n_
         else:
             out.append((s, e))
     return out
-
-
-def trim_generated(row: Sequence[int], eos_ids: Collection[int], prompt_len: int = 1) -> list[int]:
-    """The new tokens of one row of `generate()` output: the decoder prompt dropped, and everything
-    after the first end-of-sequence token (the batch padding) cut; the eos itself is kept."""
-    ids = [int(t) for t in row[prompt_len:]]
-    for k, t in enumerate(ids):
-        if t in eos_ids:
-            return ids[:k + 1]
-    return ids
 
 
 class TranslationHead(Head):

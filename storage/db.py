@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import duckdb
-import pyarrow as pa
 
 from .schema import DDL
 from taskheads.faults import checkpoint

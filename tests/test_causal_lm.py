@@ -13,12 +13,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from heads.base import Doc, Feature
-from heads.causal_lm import CausalLMHead, combine_windows, perplexity_windows, trim_new_tokens
+from heads.base import trim_generated
+from heads.causal_lm import CausalLMHead, combine_windows, perplexity_windows
 from heads.engine import pipe
-from taskheads.tiny_models import base_tokenizer, build_causal_lm
+from taskheads.tiny_models import build_causal_lm
 
 MAX_LEN = 128
 PROMPT = "Document: {text}\nContinue:"
@@ -319,6 +320,6 @@ def test_prompt_braces_and_trimming(models):
     text = "x {text} {y}"
     [f] = head.encode(Doc("b", text))
     assert f.input_ids == doc_ids(head, "<x {text} {y}> {0} {}")
-    assert trim_new_tokens([7, 8, 5, 6, 102, 0, 0], 2, {102}) == [5, 6, 102]
-    assert trim_new_tokens([0, 8, 5, 0, 6], 2, {102}) == [5, 0, 6]
-    assert trim_new_tokens([7, 8], 2, {102}) == []
+    assert trim_generated([7, 8, 5, 6, 102, 0, 0], {102}, prompt_len=2) == [5, 6, 102]
+    assert trim_generated([0, 8, 5, 0, 6], {102}, prompt_len=2) == [5, 0, 6]
+    assert trim_generated([7, 8], {102}, prompt_len=2) == []

@@ -11,11 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from heads.base import Doc, Feature
+from heads.base import Doc, Feature, trim_generated
 from heads.engine import pipe
 from heads.loading import load_head
-from heads.translation import (Segment, TranslationHead, join_translations, split_segments, split_sentences,
-                               trim_generated)
+from heads.translation import Segment, TranslationHead, join_translations, split_segments, split_sentences
 from taskheads.tiny_models import build_bart
 
 EOS_BIAS = 2.0  # makes the random model end some outputs early and run others to max_new_tokens
