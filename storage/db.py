@@ -128,6 +128,24 @@ def register_model(database: str, model: dict[str, Any]) -> None:
         con.close()
 
 
+def record_evaluations(database: str, rows: Sequence[dict]) -> None:
+    """Store metrics: {head, model_id, metric, value, n, source, run_id}; replaces the same key."""
+    ensure_schema(database)
+    con = connect(database)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        for r in rows:
+            con.execute("DELETE FROM evaluations WHERE head = ? AND model_id = ? AND metric = ? AND source = ? "
+                        "AND run_id IS NOT DISTINCT FROM ?",
+                        [r["head"], r["model_id"], r["metric"], r["source"], r.get("run_id")])
+            con.execute("INSERT INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        [r["head"], r["model_id"], r["metric"], float(r["value"]), int(r["n"]), r["source"],
+                         r.get("run_id"), _now()])
+        con.execute("COMMIT")
+    finally:
+        con.close()
+
+
 def load_shard(database: str, manifest_path: str) -> tuple[int, int]:
     """Load one staged package in one transaction; returns (result rows, failed rows) loaded.
 

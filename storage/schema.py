@@ -104,6 +104,16 @@ DDL = [
   failed_rows BIGINT,
   loaded_at TIMESTAMPTZ
 )""",
+    """CREATE TABLE IF NOT EXISTS evaluations (
+  head VARCHAR,
+  model_id VARCHAR,
+  metric VARCHAR,           -- accuracy | macro_f1 | entity_f1 | exact_match | f1 ...
+  value DOUBLE,
+  n BIGINT,                 -- labelled examples the metric is computed on
+  source VARCHAR,           -- training (held-out split) | corpus (gold_column of a run)
+  run_id VARCHAR,
+  evaluated_at TIMESTAMPTZ
+)""",
     """CREATE TABLE IF NOT EXISTS doc_state (
   head VARCHAR,
   doc_id VARCHAR,
