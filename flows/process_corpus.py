@@ -16,6 +16,7 @@ from storage.staging import staging_dir
 from taskheads.config import load_config
 from taskheads.preflight import preflight
 from tasks.corpus import plan_corpus
+from tasks.evaluate import evaluate_gold
 from tasks.inference import infer_unit
 from tasks.load import finish_run, load_shard, recover_staged, start_run
 from tasks.models import resolve_model
@@ -33,6 +34,7 @@ class HeadSummary:
     failed: int = 0
     rows: int = 0  # result rows loaded
     seconds: float = 0.0
+    metrics: dict = field(default_factory=dict)  # against the gold column, when configured
 
 
 @dataclass
@@ -70,7 +72,7 @@ def process_corpus(config_path: str, corpus: str | None = None, database: str | 
                 model_id, extra_columns = resolve_model(h, cfg.database)
                 s.heads[h.name].model_id = model_id
                 plan_heads.append(PlanHead(h.name, h.where, extra_columns, model_id))
-            files, plans, s.docs_read, errors = plan_corpus(cfg.corpus, cfg.database, plan_heads, cfg.id_column,
+            files, usable, plans, s.docs_read, errors = plan_corpus(cfg.corpus, cfg.database, plan_heads, cfg.id_column,
                                                             cfg.text_column, cfg.unit_docs, full)
             s.files, s.file_errors = len(files), list(errors)
             staging = str(staging_dir(cfg.database, run_id))
@@ -91,6 +93,8 @@ def process_corpus(config_path: str, corpus: str | None = None, database: str | 
                     hs.inferred += out.inferred
                     hs.done += out.done
                     hs.failed += out.failed
+                if h.gold_column:
+                    hs.metrics = evaluate_gold(cfg.database, usable, h, cfg.id_column, hs.model_id, run_id)
             for e in s.file_errors:
                 log.error(e)
             s.status = "completed_with_errors" if s.file_errors else "completed"

@@ -28,6 +28,10 @@ def format_summary(s: dict) -> str:
     lines.append(f"{'head':<16}{'task':<15}" + "".join(f"{c:>10}" for c in cols) + f"{'seconds':>9}")
     for name, h in s["heads"].items():
         lines.append(f"{name:<16}{h['task']:<15}" + "".join(f"{h[c]:>10}" for c in cols) + f"{h['seconds']:>9.1f}")
+    for name, h in s["heads"].items():
+        if h.get("metrics"):
+            shown = ", ".join(f"{k} {v:.3f}" if k != "n" else f"n {v}" for k, v in h["metrics"].items())
+            lines.append(f"{name}: against gold: {shown}")
     if any(h["failed"] for h in s["heads"].values()):
         lines.append("")
         lines.append("failed documents: taskheads sql DB \"SELECT head, doc_id, error FROM failed_docs "

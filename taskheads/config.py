@@ -38,6 +38,7 @@ HEAD_KEYS = {
     "device": "auto | cpu | cuda | cuda:N",
     "batch_tokens": "padded-token budget per batch",
     "trust_remote_code": "allow model code from the hub (off by default)",
+    "gold_column": "corpus column with the expected output: every run evaluates the head on the labelled rows",
 }
 
 
@@ -52,6 +53,7 @@ class HeadConfig:
     device: str = "auto"
     batch_tokens: int = 4096
     trust_remote_code: bool = False
+    gold_column: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -118,6 +120,7 @@ def parse_head(name: str, raw: Any, base: Path) -> HeadConfig:
         if not (folder / "config.json").exists():
             raise ConfigError(f"{key}.model: no config.json in {model}")
     for k, types, what in (("revision", (str,), "a string"), ("where", (str,), "an SQL predicate string"),
+                           ("gold_column", (str,), "a column name"),
                            ("dtype", (str,), "a string"), ("device", (str,), "a string"),
                            ("batch_tokens", (int,), "an integer"), ("trust_remote_code", (bool,), "true or false")):
         if k in raw:
@@ -141,7 +144,8 @@ def parse_head(name: str, raw: Any, base: Path) -> HeadConfig:
     return HeadConfig(name=name, task=task, model=model, revision=raw.get("revision"), where=raw.get("where"),
                       dtype=raw.get("dtype", "float32"), device=raw.get("device", "auto"),
                       batch_tokens=raw.get("batch_tokens", 4096),
-                      trust_remote_code=raw.get("trust_remote_code", False), params=params)
+                      trust_remote_code=raw.get("trust_remote_code", False), gold_column=raw.get("gold_column"),
+                      params=params)
 
 
 def parse_config(raw: Mapping[str, Any], base: Path, source: str | None = None) -> PipelineConfig:

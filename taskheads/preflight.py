@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from storage.corpus import CorpusError, corpus_files, check_files, readable_schema, validate_where
 
+from storage.evaluate import GOLD_TASKS
+
 from .config import ConfigError, PipelineConfig
 
 
@@ -18,6 +20,12 @@ def preflight(cfg: PipelineConfig) -> list[str]:
         raise ConfigError(f"corpus: {file_errors[0]}{more}")
     schema = readable_schema(files)  # unreadable files are reported per file by the run
     for head in cfg.heads:
+        if head.gold_column and schema is not None and head.gold_column not in schema.names:
+            raise ConfigError(f"heads.{head.name}.gold_column: no column {head.gold_column!r} in the corpus "
+                              f"(columns: {', '.join(schema.names)})")
+        if head.gold_column and head.task not in GOLD_TASKS:
+            raise ConfigError(f"heads.{head.name}.gold_column: evaluation is available for "
+                              f"{', '.join(sorted(GOLD_TASKS))} heads, not {head.task}")
         if head.where and schema is not None:
             problem = validate_where(schema, head.where)
             if problem:

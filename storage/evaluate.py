@@ -1,0 +1,59 @@
+"""Evaluate a head against a gold column of the corpus, from the results stored in DuckDB.
+
+The comparison reads the latest stored result of every labelled document (not only the ones this
+run inferred), so after an incremental run the metric still covers the whole labelled corpus.
+Gold values are read from the corpus files with DuckDB; no document text enters SQL.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import duckdb
+
+from .db import connect
+
+GOLD_TASKS = {"classification"}
+
+
+def _gold(con, files: Sequence[str], id_column: str, gold_column: str) -> None:
+    con.execute("CREATE OR REPLACE TEMP TABLE gold AS SELECT CAST(" + _q(id_column) + " AS VARCHAR) AS doc_id, "
+                + _q(gold_column) + " AS gold FROM read_parquet(?, union_by_name = true) WHERE "
+                + _q(gold_column) + " IS NOT NULL", [list(files)])
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def classification_metrics(pairs: Sequence[tuple[str, str]]) -> dict[str, float]:
+    """Accuracy and macro F1 over (predicted, gold) label pairs."""
+    n = len(pairs)
+    if not n:
+        return {}
+    labels = sorted({g for _, g in pairs} | {p for p, _ in pairs})
+    f1s = []
+    for label in labels:
+        tp = sum(1 for p, g in pairs if p == label and g == label)
+        fp = sum(1 for p, g in pairs if p == label and g != label)
+        fn = sum(1 for p, g in pairs if p != label and g == label)
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return {"accuracy": sum(p == g for p, g in pairs) / n, "macro_f1": sum(f1s) / len(f1s)}
+
+
+def evaluate_head(database: str, files: Sequence[str], head: str, task: str, id_column: str,
+                  gold_column: str, model_id: str) -> list[dict]:
+    """Metric rows {metric, value, n} for `head` against `gold_column` (results of `model_id` only)."""
+    if task not in GOLD_TASKS:
+        raise ValueError(f"no gold evaluation for {task} heads")
+    con = connect(database)
+    try:
+        _gold(con, files, id_column, gold_column)
+        pairs = con.execute(
+            "SELECT c.label, CAST(g.gold AS VARCHAR) FROM classifications c JOIN gold g USING (doc_id) "
+            "WHERE c.head = ? AND c.model_id = ?", [head, model_id]).fetchall()
+    except duckdb.Error as exc:
+        raise ValueError(f"gold column {gold_column!r} cannot be read: {str(exc).splitlines()[0]}") from None
+    finally:
+        con.close()
+    metrics = classification_metrics(pairs)
+    return [{"metric": m, "value": v, "n": len(pairs)} for m, v in metrics.items()]
