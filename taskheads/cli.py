@@ -6,7 +6,7 @@ import os
 import sys
 
 
-def _quiet_defaults(verbose: bool = False) -> None:
+def quiet_prefect_console(verbose: bool = False) -> None:
     """Quiet console defaults; any value the user set wins.
 
     Prefect's console handler would print every failed task with its traceback; the summary says
@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"taskheads: config error: {exc}", file=sys.stderr)
         return 2
-    _quiet_defaults(args.verbose)
+    quiet_prefect_console(args.verbose)
     from flows.process_corpus import process_corpus
 
     try:
