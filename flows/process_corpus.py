@@ -72,8 +72,8 @@ def process_corpus(config_path: str, corpus: str | None = None, database: str | 
                 model_id, extra_columns = resolve_model(h, cfg.database)
                 s.heads[h.name].model_id = model_id
                 plan_heads.append(PlanHead(h.name, h.where, extra_columns, model_id))
-            files, usable, plans, s.docs_read, errors = plan_corpus(cfg.corpus, cfg.database, plan_heads, cfg.id_column,
-                                                            cfg.text_column, cfg.unit_docs, full)
+            files, usable, plans, s.docs_read, errors = plan_corpus(
+                cfg.corpus, cfg.database, plan_heads, cfg.id_column, cfg.text_column, cfg.unit_docs, full)
             s.files, s.file_errors = len(files), list(errors)
             staging = str(staging_dir(cfg.database, run_id))
             for h in cfg.heads:
