@@ -10,6 +10,8 @@ from typing import Sequence
 
 import duckdb
 
+from training.metrics import accuracy, macro_f1
+
 from .db import connect
 
 GOLD_TASKS = {"classification"}
@@ -26,18 +28,11 @@ def _q(name: str) -> str:
 
 
 def classification_metrics(pairs: Sequence[tuple[str, str]]) -> dict[str, float]:
-    """Accuracy and macro F1 over (predicted, gold) label pairs."""
-    n = len(pairs)
-    if not n:
+    """Accuracy and macro F1 over (predicted, gold) label pairs: the same metrics training reports."""
+    if not pairs:
         return {}
-    labels = sorted({g for _, g in pairs} | {p for p, _ in pairs})
-    f1s = []
-    for label in labels:
-        tp = sum(1 for p, g in pairs if p == label and g == label)
-        fp = sum(1 for p, g in pairs if p == label and g != label)
-        fn = sum(1 for p, g in pairs if p != label and g == label)
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return {"accuracy": sum(p == g for p, g in pairs) / n, "macro_f1": sum(f1s) / len(f1s)}
+    pred, gold = [p for p, _ in pairs], [g for _, g in pairs]
+    return {"accuracy": accuracy(gold, pred), "macro_f1": macro_f1(gold, pred)}
 
 
 def evaluate_head(database: str, files: Sequence[str], head: str, task: str, id_column: str,
