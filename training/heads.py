@@ -23,6 +23,15 @@ QA_MAX_LENGTH = 384
 QA_STRIDE = 128
 
 
+def _fit_save_evaluate(model, tokenizer, examples, out_dir: str, evaluate, n_train: int, **fit_options) -> dict:
+    """The tail every trainer shares: fit, save the folder, evaluate the saved folder, report."""
+    stats = fit(model, examples, _pad_id(tokenizer), **fit_options)
+    save(model, tokenizer, out_dir)
+    started = time.perf_counter()
+    metrics = evaluate()
+    return {**stats, "n_train": n_train, **metrics, "eval_seconds": round(time.perf_counter() - started, 1)}
+
+
 def _label_maps(labels: Sequence[str]) -> dict:
     return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
             "label2id": {label: i for i, label in enumerate(labels)}}
@@ -56,13 +65,10 @@ def train_classifier(base_model: str, out_dir: str, train: list[dict], eval: lis
     types = enc.get("token_type_ids")
     examples = [{"input_ids": ids, "token_type_ids": types[i] if types is not None else None,
                  "labels": label2id[train[i]["label"]]} for i, ids in enumerate(enc["input_ids"])]
-    stats = fit(model, examples, _pad_id(tokenizer), epochs, lr, batch_size, seed=seed, progress=progress,
-                desc="classification")
-    save(model, tokenizer, out_dir)
-    started = time.perf_counter()
-    metrics = evaluate_classifier(out_dir, eval)
-    return {**stats, "n_train": len(train), **metrics,
-            "eval_seconds": round(time.perf_counter() - started, 1)}
+    return _fit_save_evaluate(model, tokenizer, examples, out_dir, lambda: evaluate_classifier(out_dir, eval),
+                              len(train),
+                              epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress,
+                              desc="classification")
 
 
 def evaluate_classifier(out_dir: str, rows: Sequence[dict]) -> dict:
@@ -124,13 +130,10 @@ def train_token_classifier(base_model: str, out_dir: str, train: list[dict], eva
     model, tokenizer = load_base(AutoModelForTokenClassification, base_model, **_label_maps(labels))
     max_length = min(max_length, model_max_length(model, tokenizer))
     examples = token_examples(tokenizer, train, model.config.label2id, max_length, stride)
-    stats = fit(model, examples, _pad_id(tokenizer), epochs, lr, batch_size, seed=seed, progress=progress,
-                desc="ner")
-    save(model, tokenizer, out_dir)
-    started = time.perf_counter()
-    metrics = evaluate_token_classifier(out_dir, eval)
-    return {**stats, "n_train": len(train), **metrics,
-            "eval_seconds": round(time.perf_counter() - started, 1)}
+    return _fit_save_evaluate(model, tokenizer, examples, out_dir, lambda: evaluate_token_classifier(out_dir, eval),
+                              len(train),
+                              epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress,
+                              desc="ner")
 
 
 def evaluate_token_classifier(out_dir: str, rows: Sequence[dict]) -> dict:
@@ -190,13 +193,10 @@ def train_qa(base_model: str, out_dir: str, train: list[dict], eval: list[dict],
     model, tokenizer = load_base(AutoModelForQuestionAnswering, base_model)
     window = min(max_length, model_max_length(model, tokenizer))  # the QA head caps it the same way
     examples = qa_examples(tokenizer, train, window, stride)
-    stats = fit(model, examples, _pad_id(tokenizer), epochs, lr, batch_size, seed=seed, progress=progress,
-                desc="qa")
-    save(model, tokenizer, out_dir)
-    started = time.perf_counter()
-    metrics = evaluate_qa(out_dir, eval, max_length, stride)
-    return {**stats, "n_train": len(train), **metrics,
-            "eval_seconds": round(time.perf_counter() - started, 1)}
+    return _fit_save_evaluate(model, tokenizer, examples, out_dir,
+                              lambda: evaluate_qa(out_dir, eval, max_length, stride), len(train),
+                              epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress,
+                              desc="qa")
 
 
 def evaluate_qa(out_dir: str, rows: Sequence[dict], max_length: int = QA_MAX_LENGTH, stride: int = QA_STRIDE) -> dict:
