@@ -1,4 +1,4 @@
-"""The corpus flow: plan incremental work, run every head over its units, load each package as it lands.
+"""The corpus flow: plan incremental work, run the heads level by level, load each package as it lands.
 
 Orchestration only: reading, inference and writing live in tasks/, heads/ and storage/.
 """
@@ -8,13 +8,17 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from storage.db import run_lock
 from storage.plan import PlanHead
 from storage.staging import staging_dir
 from taskheads.config import load_config
 from taskheads.preflight import preflight
+from taskheads.progress import emit
 from tasks.corpus import plan_corpus
 from tasks.evaluate import evaluate_gold
 from tasks.inference import infer_unit
@@ -53,10 +57,15 @@ class RunSummary:
         return {name: asdict(h) for name, h in self.heads.items()}
 
 
-@flow(name="process-corpus")
+@flow(name="process-corpus", task_runner=ThreadPoolTaskRunner(max_workers=4))
 def process_corpus(config_path: str, corpus: str | None = None, database: str | None = None,
                    full: bool = False) -> dict:
-    """Run every configured head over the corpus; only new or changed documents unless `full`."""
+    """Run every configured head over the corpus; only new or changed documents unless `full`.
+
+    Heads run level by level (a head after the heads whose results it reads); the units of one level
+    are submitted together, so independent heads run concurrently (on Dask workers with
+    `--runner dask`), and each finished unit is loaded here, by the one process that writes DuckDB.
+    """
     started = time.perf_counter()
     cfg = load_config(config_path).with_overrides(corpus=corpus, database=database)
     preflight(cfg)
@@ -67,34 +76,20 @@ def process_corpus(config_path: str, corpus: str | None = None, database: str | 
         start_run(cfg.database, run_id, cfg.source, cfg.corpus)
         try:
             s.recovered_rows = recover_staged(cfg.database, run_id)
-            plan_heads = []
-            for h in cfg.heads:
-                model_id, extra_columns = resolve_model(h, cfg.database)
-                s.heads[h.name].model_id = model_id
-                plan_heads.append(PlanHead(h.name, h.where, extra_columns, model_id))
-            files, usable, plans, s.docs_read, errors = plan_corpus(
-                cfg.corpus, cfg.database, plan_heads, cfg.id_column, cfg.text_column, cfg.unit_docs, full)
-            s.files, s.file_errors = len(files), list(errors)
-            staging = str(staging_dir(cfg.database, run_id))
-            for h in cfg.heads:
-                hs, plan = s.heads[h.name], plans[h.name]
-                hs.routed, hs.unchanged, hs.duplicates = plan.routed, plan.unchanged, plan.duplicates
-                for unit in plan.units:
-                    t0 = time.perf_counter()
-                    try:
-                        out = infer_unit(unit, h, cfg.id_column, cfg.text_column, run_id, hs.model_id, staging)
-                        hs.rows += load_shard(cfg.database, out.manifest)[0]
-                    except Exception as exc:  # the file changed or broke mid-run: name it, go on
-                        s.file_errors.append(f"{unit.path}: {h.name} failed on rows {unit.unit_id} "
-                                             f"({type(exc).__name__}: {str(exc).strip()[:200]})")
-                        continue
-                    finally:
-                        hs.seconds += time.perf_counter() - t0
-                    hs.inferred += out.inferred
-                    hs.done += out.done
-                    hs.failed += out.failed
-                if h.gold_column:
-                    hs.metrics = evaluate_gold(cfg.database, usable, h, cfg.id_column, hs.model_id, run_id)
+            staging = staging_dir(cfg.database, run_id)
+            plan_heads = _plan_heads(cfg, s)
+            for depth, level in enumerate(cfg.levels()):
+                files, usable, plans, docs_read, errors = plan_corpus(
+                    cfg.corpus, cfg.database, [plan_heads[h.name] for h in level], cfg.id_column, cfg.text_column,
+                    cfg.unit_docs, full, str(staging / "inputs"))
+                if depth == 0:
+                    s.files, s.docs_read = len(files), docs_read
+                s.file_errors += [e for e in errors if e not in s.file_errors]
+                _run_level(cfg, level, plans, s, str(staging))
+                for h in level:
+                    if h.gold_column:
+                        s.heads[h.name].metrics = evaluate_gold(cfg.database, usable, h, cfg.id_column,
+                                                                s.heads[h.name].model_id, run_id)
             for e in s.file_errors:
                 log.error(e)
             s.status = "completed_with_errors" if s.file_errors else "completed"
@@ -105,4 +100,60 @@ def process_corpus(config_path: str, corpus: str | None = None, database: str | 
             raise
         s.wall_seconds = time.perf_counter() - started
         finish_run(cfg.database, run_id, s.status, s.docs_read, s.head_stats(), s.file_errors)
-    return asdict(s)
+    summary = asdict(s)
+    publish_run_artifact(summary)
+    return summary
+
+
+def _plan_heads(cfg, s: RunSummary) -> dict[str, PlanHead]:
+    """Load each head once here for its model identity, then describe what planning needs of it."""
+    resolved = {}
+    for h in cfg.heads:
+        resolved[h.name] = resolve_model(h, cfg.database, cfg.max_resident_models)
+        s.heads[h.name].model_id = resolved[h.name][0]
+    return {h.name: PlanHead(h.name, cfg.routing(h), resolved[h.name][1], resolved[h.name][0],
+                             upstream=tuple((u, cfg.head(u).table) for u in cfg.upstream(h)), input=h.input)
+            for h in cfg.heads}
+
+
+def _run_level(cfg, level, plans, s: RunSummary, staging: str) -> None:
+    """Submit every unit of the level's heads, load each as it finishes (in this process)."""
+    t0 = time.perf_counter()
+    pending = {}
+    for h in level:
+        hs, plan = s.heads[h.name], plans[h.name]
+        hs.routed, hs.unchanged, hs.duplicates = plan.routed, plan.unchanged, plan.duplicates
+        emit("head_planned", head=h.name, units=len(plan.units), docs=plan.to_infer + plan.conflicts)
+        for unit in plan.units:
+            future = infer_unit.submit(unit, h, cfg.id_column, cfg.text_column, s.run_id, hs.model_id, staging,
+                                       cfg.max_resident_models)
+            pending[future] = (h, unit)
+    for future in as_completed(list(pending)):
+        h, unit = pending[future]
+        hs = s.heads[h.name]
+        try:
+            out = future.result()
+            hs.rows += load_shard(cfg.database, out.manifest)[0]
+        except Exception as exc:  # the file changed or broke mid-run: name it, go on
+            s.file_errors.append(f"{unit.source or unit.path}: {h.name} failed on rows {unit.unit_id} "
+                                 f"({type(exc).__name__}: {str(exc).strip()[:200]})")
+            emit("unit_done", head=h.name, docs=len(unit.rows) + len(unit.refused), failed=0)
+            continue
+        finally:
+            hs.seconds = time.perf_counter() - t0  # the head's share of the level: until its last unit
+        hs.inferred += out.inferred
+        hs.done += out.done
+        hs.failed += out.failed
+        emit("unit_done", head=h.name, docs=len(unit.rows) + len(unit.refused), failed=out.failed)
+
+
+def publish_run_artifact(summary: dict) -> None:
+    """A Markdown summary of the run in the Prefect UI (counts, throughput, labels, failures)."""
+    try:
+        from storage.report_data import run_digest
+        from taskheads.report import run_markdown
+
+        create_markdown_artifact(key="taskheads-run", markdown=run_markdown(summary, run_digest(summary["database"],
+                                 summary["run_id"])), description=f"taskheads run {summary['run_id']}")
+    except Exception as exc:  # the results are loaded; a report problem must not fail the run
+        get_run_logger().warning(f"run artifact not published: {type(exc).__name__}: {exc}")

@@ -51,7 +51,8 @@ class Head:
 
     task: ClassVar[str]
     table: ClassVar[str]
-    model_class: ClassVar[Any]  # e.g. transformers.AutoModelForSequenceClassification
+    model_class: ClassVar[Any]  # e.g. transformers.AutoModelForSequenceClassification; None: no transformer
+    default_model: ClassVar[str | None] = None  # what `model` means when a model-free head leaves it out
     params: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, name: str, model: Any, tokenizer: Any, params: Mapping[str, Any] | None = None):
@@ -63,6 +64,11 @@ class Head:
         self.validate_params(merged)
         self.p = merged
         self.setup()
+
+    @classmethod
+    def table_for(cls, p: Mapping[str, Any]) -> str:
+        """The result table a head with these parameters writes (heads with modes override this)."""
+        return cls.table
 
     @classmethod
     def validate_params(cls, p: Mapping[str, Any]) -> None:

@@ -139,6 +139,10 @@ class CausalLMHead(Head):
         if not _is_int(p["seed"]) or p["seed"] < 0:
             raise ValueError(f"seed must be an integer >= 0, not {p['seed']!r}")
 
+    @classmethod
+    def table_for(cls, p) -> str:
+        return TABLES[p.get("mode", cls.params["mode"])]
+
     def setup(self) -> None:
         cfg = self.model.config
         if getattr(cfg, "is_encoder_decoder", False):

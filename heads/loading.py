@@ -1,7 +1,11 @@
 """Load a head's model and tokenizer safely (safetensors only, no remote code by default)."""
 from __future__ import annotations
 
+import gc
 import os
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -45,6 +49,8 @@ def load_head(name: str, task: str, model: str, revision: str | None = None,
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     cls = head_class(task)
+    if cls.model_class is None:  # a model-free head (e.g. language detection) builds what it needs itself
+        return cls(name, None, None, params)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision and not Path(model).exists():
         kwargs["revision"] = revision
@@ -64,19 +70,63 @@ def load_head(name: str, task: str, model: str, revision: str | None = None,
     return cls(name, net, tokenizer, params)
 
 
-_CACHE: dict[str, Head] = {}
+class _ResidentHeads:
+    """Heads loaded in this process, least recently used first; at most `limit` kept (0: no limit).
+
+    Prefect tasks of one worker share it. A head is used by one thread at a time (fast tokenizers
+    refuse concurrent use); different heads run concurrently.
+    """
+
+    def __init__(self) -> None:
+        self.heads: OrderedDict[str, tuple[Head, threading.Lock]] = OrderedDict()
+        self.lock = threading.Lock()
+        self.loading: dict[str, threading.Lock] = {}
+
+    @staticmethod
+    def key(cfg) -> str:
+        import json
+
+        return json.dumps([cfg.name, cfg.task, cfg.model, cfg.revision, dict(cfg.params), cfg.dtype, cfg.device,
+                           cfg.trust_remote_code], sort_keys=True, default=str)
+
+    def get(self, cfg, limit: int = 0) -> tuple[Head, threading.Lock]:
+        key = self.key(cfg)
+        with self.lock:
+            load_lock = self.loading.setdefault(key, threading.Lock())
+        with load_lock:  # one thread loads a given head; others wait for it
+            with self.lock:
+                if key in self.heads:
+                    self.heads.move_to_end(key)
+                    return self.heads[key]
+            entry = (load_head(cfg.name, cfg.task, cfg.model, revision=cfg.revision, params=cfg.params,
+                               dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code),
+                     threading.Lock())
+            with self.lock:
+                self.heads[key] = entry
+                while limit and len(self.heads) > limit:
+                    self.heads.popitem(last=False)  # a unit still running keeps its own reference
+            if limit:
+                gc.collect()
+            return entry
+
+    def names(self) -> list[str]:
+        return [h.name for h, _ in self.heads.values()]
 
 
-def cached_head(cfg) -> Head:
+RESIDENT = _ResidentHeads()
+
+
+def cached_head(cfg, max_resident_models: int = 0) -> Head:
     """Load a head once per process (Prefect tasks of one worker share it)."""
-    import json
+    return RESIDENT.get(cfg, max_resident_models)[0]
 
-    key = json.dumps([cfg.name, cfg.task, cfg.model, cfg.revision, dict(cfg.params), cfg.dtype, cfg.device,
-                      cfg.trust_remote_code], sort_keys=True, default=str)
-    if key not in _CACHE:
-        _CACHE[key] = load_head(cfg.name, cfg.task, cfg.model, revision=cfg.revision, params=cfg.params,
-                                dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-    return _CACHE[key]
+
+@contextmanager
+def using_head(cfg, max_resident_models: int = 0):
+    """The loaded head, held exclusively for the duration of the block."""
+    head, lock = RESIDENT.get(cfg, max_resident_models)
+    with lock:
+        yield head
 
 
 def _sha256_files(paths) -> str:
@@ -96,9 +146,9 @@ def model_identity(cfg, head: Head) -> dict:
     import hashlib
     import json
 
-    resolved = getattr(head.model.config, "_commit_hash", None)
+    resolved = getattr(getattr(head.model, "config", None), "_commit_hash", None)
     weights = None
-    if Path(cfg.model).is_dir():
+    if head.model is not None and Path(cfg.model).is_dir():
         folder = Path(cfg.model)
         weights = _sha256_files(list(folder.glob("*.safetensors")) + [folder / "config.json"])
     params = {k: head.p[k] for k in sorted(head.p)}

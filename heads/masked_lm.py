@@ -65,6 +65,10 @@ class MaskedLMHead(Head):
         if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
             raise ValueError(f"stride must be a non-negative integer, not {stride!r}")
 
+    @classmethod
+    def table_for(cls, p) -> str:
+        return TABLES[p.get("mode", cls.params["mode"])]
+
     def setup(self) -> None:
         self.mode = self.p["mode"]
         self.table = TABLES[self.mode]

@@ -13,6 +13,7 @@ HEADS: dict[str, str] = {
     "multiple_choice": "heads.multiple_choice:MultipleChoiceHead",
     "causal_lm": "heads.causal_lm:CausalLMHead",
     "masked_lm": "heads.masked_lm:MaskedLMHead",
+    "language": "heads.language:LanguageHead",
 }
 
 

@@ -10,7 +10,7 @@ import bisect
 import glob as globlib
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
@@ -97,12 +97,33 @@ def readable_schema(files: Sequence[str]) -> pa.Schema | None:
     return None
 
 
-def validate_where(schema: pa.Schema, where: str) -> str | None:
-    """Check a predicate against corpus columns; returns the DuckDB error line or None."""
+def validate_where(schema: pa.Schema, where: str, id_column: str = "id",
+                   upstream: Mapping[str, str] | None = None) -> str | None:
+    """Check a predicate against corpus columns and the upstream heads it reads ({head: result table},
+    seen as struct columns named after the heads); returns the DuckDB error line or None."""
+    from .schema import DDL, upstream_sql
+
     con = duckdb.connect()
     try:
         con.register("corpus", schema.empty_table())
-        con.execute(f"SELECT count(*) FROM corpus WHERE ({where})").fetchall()
+        source = "corpus c"
+        if upstream:
+            con.execute("ATTACH ':memory:' AS results")
+            con.execute("USE results")
+            for ddl in DDL:
+                con.execute(ddl)
+            con.execute("USE memory")
+            quoted = '"' + id_column.replace('"', '""') + '"'
+            params = []
+            cols, joins = "", ""
+            for k, (name, table) in enumerate(upstream.items()):
+                cols += f', u{k}.s AS "{name.replace(chr(34), chr(34) * 2)}"'
+                joins += f" LEFT JOIN ({upstream_sql(table)}) u{k} ON u{k}.doc_id = CAST(c.{quoted} AS VARCHAR)"
+                params.append(name)
+            source = f"(SELECT c.*{cols} FROM corpus c{joins}) c"
+            con.execute(f"SELECT count(*) FROM {source} WHERE ({where})", params).fetchall()
+        else:
+            con.execute(f"SELECT count(*) FROM {source} WHERE ({where})").fetchall()
         return None
     except duckdb.Error as exc:
         return str(exc).strip().splitlines()[0]

@@ -7,6 +7,12 @@ already holds, per head, and from which model): only new or changed documents ar
 `full` is set. Duplicate ids are resolved here, over the whole corpus: the first occurrence wins,
 a later one with different text is reported, a later identical one is skipped.
 
+Heads that read upstream heads' results (`where = "topic.label = 'business'"`, `input = "english"`)
+see each upstream head as one struct column per document, named after the head (schema.UPSTREAM_FIELDS);
+the flow plans them after their upstream heads are loaded. A head reading a translation gets an input
+file (staged Parquet of the rows to infer, translated text in the text column), so workers never
+open the database.
+
 The database is attached read-only, so planning never blocks readers for long and never writes.
 """
 from __future__ import annotations
@@ -15,8 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import hashlib
+
 import duckdb
 import pyarrow.parquet as pq
+
+from .schema import upstream_sql
 
 
 @dataclass(frozen=True)
@@ -25,6 +35,8 @@ class PlanHead:
     where: str | None
     extra_columns: tuple[str, ...]
     model_id: str
+    upstream: tuple[tuple[str, str], ...] = ()  # (head, result table) this head's `where` or input reads
+    input: str | None = None  # translation head whose output replaces the text column
 
 
 @dataclass(frozen=True)
@@ -36,11 +48,17 @@ class WorkUnit:
     fingerprints: tuple[str | None, ...]
     # rows refused at planning time: (row, doc_id, reason)
     refused: tuple[tuple[int, str | None, str], ...] = ()
+    # when `path` is a staged input file (translated text): the corpus file and row of each of `rows`
+    source: str | None = None
+    source_rows: tuple[int, ...] | None = None
+
+    def source_row(self, row: int) -> int:
+        return self.source_rows[row] if self.source_rows is not None else row
 
     @property
     def unit_id(self) -> str:
-        first = self.rows[0] if self.rows else (self.refused[0][0] if self.refused else 0)
-        return f"{Path(self.path).name}:{first}+{len(self.rows) + len(self.refused)}"
+        first = (self.source_row(self.rows[0]) if self.rows else (self.refused[0][0] if self.refused else 0))
+        return f"{Path(self.source or self.path).name}:{first}+{len(self.rows) + len(self.refused)}"
 
 
 @dataclass
@@ -57,15 +75,24 @@ def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _fingerprint_sql(text_column: str, text_is_string: bool, extras: Sequence[str], present: set[str]) -> str:
+def _fingerprint_sql(text: str, text_is_string: bool, extras: Sequence[str], present: set[str]) -> str:
     if not text_is_string:
         return "CAST(NULL AS VARCHAR)"
-    parts = [_q(text_column)] + [f"coalesce(CAST({_q(c)} AS VARCHAR), '')" if c in present else "''" for c in extras]
+    parts = [text] + [f"coalesce(CAST({_q(c)} AS VARCHAR), '')" if c in present else "''" for c in extras]
     return "sha256(" + " || chr(0) || ".join(parts) + ")"
 
 
+def _source_sql(upstream: Sequence[str], id_column: str) -> str:
+    """The rows of one corpus file (parameter) with one struct column per upstream head."""
+    cols = "".join(f", up_{k}.s AS {_q(name)}" for k, name in enumerate(upstream))
+    joins = "".join(f" LEFT JOIN up_{k} ON up_{k}.doc_id = CAST(c.{_q(id_column)} AS VARCHAR)"
+                    for k in range(len(upstream)))
+    return f"(SELECT c.*{cols} FROM read_parquet(?, file_row_number = true) c{joins}) src"
+
+
 def plan_work(database: str | None, files: Sequence[str], heads: Sequence[PlanHead], id_column: str,
-              text_column: str, unit_docs: int, full: bool = False) -> tuple[dict[str, HeadPlan], int, list[str]]:
+              text_column: str, unit_docs: int, full: bool = False,
+              inputs_dir: str | None = None) -> tuple[dict[str, HeadPlan], int, list[str]]:
     """Plan every head over `files` (already checked readable): (plans, rows scanned, file error lines)."""
     con = duckdb.connect()
     errors: list[str] = []
@@ -75,6 +102,12 @@ def plan_work(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
             con.execute(f"ATTACH '{database.replace(chr(39), chr(39) * 2)}' AS results (READ_ONLY)")
             has_state = bool(con.execute("SELECT 1 FROM duckdb_tables() WHERE database_name = 'results' "
                                          "AND table_name = 'doc_state'").fetchone())
+        upstream = dict(u for h in heads for u in h.upstream)
+        if upstream and not has_state:
+            raise RuntimeError(f"upstream heads {', '.join(upstream)} have no results database yet")
+        for k, (name, table) in enumerate(upstream.items()):
+            con.execute(f"CREATE TEMP TABLE up_{k} AS {upstream_sql(table)}", [name])
+        source = _source_sql(list(upstream), id_column)
         cols = ", ".join(f"fp_{i} VARCHAR, r_{i} BOOLEAN" for i in range(len(heads)))
         con.execute(f"CREATE TEMP TABLE scan (file_no INTEGER, row BIGINT, doc_id VARCHAR, {cols})")
         for file_no, path in enumerate(files):
@@ -84,19 +117,53 @@ def plan_work(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
             is_string = str(text_type) in ("string", "large_string", "string_view")
             exprs = []
             for i, h in enumerate(heads):
-                exprs.append(_fingerprint_sql(text_column, is_string, h.extra_columns, present) + f" AS fp_{i}")
+                text = f"{_q(h.input)}.text" if h.input else _q(text_column)
+                exprs.append(_fingerprint_sql(text, is_string or bool(h.input), h.extra_columns, present)
+                             + f" AS fp_{i}")
                 exprs.append(f"coalesce(({h.where}), false) AS r_{i}" if h.where else f"true AS r_{i}")
             try:
                 con.execute(
                     f"INSERT INTO scan SELECT ?, file_row_number, CAST({_q(id_column)} AS VARCHAR), {', '.join(exprs)} "
-                    "FROM read_parquet(?, file_row_number = true)", [file_no, path])
+                    f"FROM {source}", [file_no, path])
             except duckdb.Error as exc:
                 errors.append(f"{path}: cannot be planned ({str(exc).strip().splitlines()[0]})")
         plans = {h.name: _plan_head(con, i, h, files, has_state, unit_docs, full) for i, h in enumerate(heads)}
+        for h in heads:
+            if h.input:
+                _stage_inputs(con, h, plans[h.name], source, id_column, text_column, Path(inputs_dir))
         (rows_scanned,) = con.execute("SELECT count(*) FROM scan").fetchone()
         return plans, rows_scanned, errors
     finally:
         con.close()
+
+
+def _stage_inputs(con, head: PlanHead, plan: HeadPlan, source: str, id_column: str, text_column: str,
+                  inputs_dir: Path) -> None:
+    """Write the rows to infer, with the upstream translation as text, to one Parquet file per corpus file;
+    the units then point at it (rows = positions) and remember the corpus file and rows for reports."""
+    inputs_dir.mkdir(parents=True, exist_ok=True)
+    by_file: dict[str, list[WorkUnit]] = {}
+    for unit in plan.units:
+        by_file.setdefault(unit.path, []).append(unit)
+    units = []
+    for path, file_units in by_file.items():
+        wanted = sorted(r for u in file_units for r in u.rows)
+        if not wanted:
+            units.extend(file_units)
+            continue
+        present = set(pq.read_schema(path).names)
+        extras = [c for c in head.extra_columns if c in present and c not in (id_column, text_column)]
+        cols = ", ".join([f"CAST(src.{_q(id_column)} AS VARCHAR) AS {_q(id_column)}",
+                          f"{_q(head.input)}.text AS {_q(text_column)}"] + [f"src.{_q(c)}" for c in extras])
+        table = con.sql(f"SELECT {cols} FROM {source} WHERE src.file_row_number IN (SELECT unnest(?)) "
+                        "ORDER BY src.file_row_number", params=[path, wanted]).to_arrow_table()
+        out = inputs_dir / f"{head.name}-{hashlib.sha1(path.encode()).hexdigest()[:12]}.parquet"
+        pq.write_table(table, out)
+        position = {r: k for k, r in enumerate(wanted)}
+        for u in file_units:
+            units.append(WorkUnit(path=str(out), rows=tuple(position[r] for r in u.rows), fingerprints=u.fingerprints,
+                                  refused=u.refused, source=path, source_rows=u.rows))
+    plan.units = units
 
 
 def _plan_head(con, i: int, head: PlanHead, files: Sequence[str], has_state: bool, unit_docs: int,

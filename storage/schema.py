@@ -36,11 +36,42 @@ RESULT_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("mask_index", pa.int32()), pa.field("token", pa.string()), pa.field("token_id", pa.int64()),
         pa.field("score", pa.float64()), pa.field("rank", pa.int32()),
     ],
+    "languages": [
+        pa.field("language", pa.string()),  # ISO 639-1 code; NULL when no language can be told
+        pa.field("confidence", pa.float64()), pa.field("n_chars", pa.int64()),
+    ],
     "choices": [
         pa.field("choice", pa.string()), pa.field("score", pa.float64()), pa.field("logit", pa.float64()),
         pa.field("rank", pa.int32()), pa.field("truncated", pa.bool_()),
     ],
 }
+# What a downstream head's `where` sees of an upstream head: one struct per document, named after the
+# head (`topic.label`, `ner.n`, `english.text`), aggregated over the head's rows `r` of that document.
+# Documents the head processed without rows (no entities) get the struct with n = 0; documents it did
+# not process (or failed) get NULL, so a predicate on them is false.
+UPSTREAM_FIELDS: dict[str, str] = {
+    "classifications": "'label': any_value(r.label), 'score': any_value(r.score), 'scores': any_value(r.scores)",
+    "entities": ("'n': count(r.doc_id), 'groups': list(DISTINCT r.entity_group) FILTER (WHERE r.doc_id IS NOT NULL), "
+                 "'texts': list(r.text ORDER BY r.start_char) FILTER (WHERE r.doc_id IS NOT NULL)"),
+    "answers": ("'answer': arg_max(r.answer, r.score), 'score': max(r.score), "
+                "'has_answer': coalesce(bool_or(coalesce(r.answer, '') <> ''), false)"),
+    "translations": "'text': any_value(r.translation)",
+    "lm_scores": ("'perplexity': any_value(r.perplexity), 'pseudo_perplexity': any_value(r.pseudo_perplexity), "
+                  "'n_tokens': any_value(r.n_tokens)"),
+    "generations": "'text': arg_min(r.text, r.prompt_id), 'n': count(r.doc_id)",
+    "fill_mask": "'n': count(r.doc_id)",
+    "languages": "'language': any_value(r.language), 'confidence': any_value(r.confidence)",
+    "choices": "'choice': arg_max(r.choice, r.score), 'score': max(r.score)",
+}
+
+
+def upstream_sql(table: str, schema: str = "results") -> str:
+    """One row per document an upstream head completed: (doc_id, s STRUCT); the head name is parameter 1."""
+    return (f"SELECT d.doc_id, {{{UPSTREAM_FIELDS[table]}}} AS s FROM {schema}.doc_state d "
+            f"LEFT JOIN {schema}.{table} r ON r.head = d.head AND r.doc_id = d.doc_id "
+            "WHERE d.head = ? AND d.status = 'done' GROUP BY d.doc_id")
+
+
 FAILED_FIELDS = [pa.field("error", pa.string()), pa.field("stage", pa.string()),
                  pa.field("source_file", pa.string()), pa.field("source_row", pa.int64())]
 # what a load package says about each document it covers (becomes `doc_state`)

@@ -6,6 +6,7 @@ line before a model is loaded or a document is read.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,13 +28,18 @@ TOP_KEYS = {
     "id_column": "corpus column holding the document id (default 'id')",
     "text_column": "corpus column holding the text (default 'text')",
     "unit_docs": "documents per work unit (one Prefect task per unit and head)",
+    "lang_column": "corpus column holding each document's language (ISO 639-1), for heads' source_lang",
+    "max_resident_models": "models kept loaded per worker process (least recently used is unloaded); 0 = no limit",
     "heads": "table of heads",
 }
 HEAD_KEYS = {
-    "task": "classification | ner | qa | translation",
+    "task": "classification | ner | qa | translation | language | masked_lm | causal_lm | multiple_choice",
     "model": "local model folder or hub id",
     "revision": "hub revision (branch, tag or commit) passed to from_pretrained",
-    "where": "SQL predicate over corpus columns routing documents to this head",
+    "where": "SQL predicate over corpus columns and upstream heads' results (topic.label) routing documents here",
+    "depends_on": "heads that must run first (heads named in `where` or `input` are added by themselves)",
+    "input": "an upstream translation head whose output this head reads instead of the text column",
+    "source_lang": "ISO 639-1 code: only documents in this language (lang_column, or a language head)",
     "dtype": "float32 | bfloat16 | int8 (dynamic quantization of Linear layers, CPU)",
     "device": "auto | cpu | cuda | cuda:N",
     "batch_tokens": "padded-token budget per batch",
@@ -55,10 +61,20 @@ class HeadConfig:
     trust_remote_code: bool = False
     gold_column: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
+    depends_on: tuple[str, ...] = ()  # as written; PipelineConfig.upstream() adds the implied ones
+    input: str | None = None
+    source_lang: str | None = None
 
     @property
     def is_local(self) -> bool:
         return Path(self.model).exists()
+
+    @property
+    def table(self) -> str:
+        """The result table this head writes (known without loading the model)."""
+        from heads.registry import head_class
+
+        return head_class(self.task).table_for(dict(self.params))
 
 
 @dataclass(frozen=True)
@@ -70,9 +86,79 @@ class PipelineConfig:
     text_column: str = "text"
     unit_docs: int = 2000
     source: str | None = None  # the config file, for lineage
+    lang_column: str | None = None
+    max_resident_models: int = 0
+
+    def head(self, name: str) -> HeadConfig:
+        return next(h for h in self.heads if h.name == name)
+
+    def language_head(self) -> str | None:
+        return next((h.name for h in self.heads if h.task == "language"), None)
+
+    def upstream(self, h: HeadConfig) -> tuple[str, ...]:
+        """Heads whose results `h` reads: depends_on, heads named in `where`, `input`, its language head."""
+        names = list(h.depends_on) + where_references(h.where, [o.name for o in self.heads if o.name != h.name])
+        if h.input:
+            names.append(h.input)
+        if h.source_lang and not self.lang_column:
+            names.append(self.language_head())
+        return tuple(dict.fromkeys(names))
+
+    def routing(self, h: HeadConfig) -> str | None:
+        """The full SQL predicate routing documents to `h`: its `where`, its language, its input present."""
+        parts = [f"({h.where})"] if h.where else []
+        if h.source_lang:
+            lang = quote(self.lang_column) if self.lang_column else f"{quote(self.language_head())}.language"
+            parts.append(f"{lang} = '{h.source_lang}'")
+        if h.input:
+            parts.append(f"{quote(h.input)}.text IS NOT NULL")
+        return " AND ".join(parts) or None
+
+    def levels(self) -> list[tuple[HeadConfig, ...]]:
+        """Heads in dependency order: each level only reads heads of earlier levels (Kahn's algorithm)."""
+        pending = {h.name: set(self.upstream(h)) for h in self.heads}
+        levels = []
+        while pending:
+            ready = [h for h in self.heads if h.name in pending and not pending[h.name]]
+            if not ready:
+                raise ConfigError("heads: dependency cycle: " + _cycle(pending))
+            levels.append(tuple(ready))
+            for h in ready:
+                del pending[h.name]
+            for deps in pending.values():
+                deps.difference_update(h.name for h in ready)
+        return levels
 
     def with_overrides(self, corpus: str | None = None, database: str | None = None) -> "PipelineConfig":
         return replace(self, corpus=corpus or self.corpus, database=database or self.database)
+
+
+def quote(name: str) -> str:
+    """An SQL identifier (column or head name) quoted for DuckDB."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _strip_literals(sql: str) -> str:
+    return re.sub(r"'(?:[^']|'')*'", "''", sql)
+
+
+def where_references(where: str | None, names) -> list[str]:
+    """Head names used as `name.field` in a predicate (outside string literals)."""
+    if not where:
+        return []
+    code = _strip_literals(where)
+    return [n for n in names if re.search(r'(?<![\w."])"?' + re.escape(n) + r'"?\s*\.\s*[A-Za-z_"]', code)]
+
+
+def _cycle(pending: dict[str, set[str]]) -> str:
+    """One cycle among the heads left unordered, written a -> b -> a."""
+    node = next(iter(pending))
+    path: list[str] = []
+    while node not in path:
+        path.append(node)
+        node = sorted(pending[node])[0]
+    loop = path[path.index(node):] + [node]
+    return " -> ".join(loop) + " (each needs the next one's results first)"
 
 
 def _check_type(key: str, value: Any, types: tuple, what: str) -> None:
@@ -105,12 +191,16 @@ def parse_head(name: str, raw: Any, base: Path) -> HeadConfig:
     for k in raw:
         if k not in allowed:
             raise ConfigError(f"{key}.{k}: unknown key for a {task} head (allowed: {', '.join(sorted(allowed))})")
-    if "model" not in raw:
+    if cls.model_class is None:  # model-free head: `model` names its detector, nothing to load from disk
+        model = raw.get("model", cls.default_model)
+        _check_type(f"{key}.model", model, (str,), "a string")
+    elif "model" not in raw:
         raise ConfigError(f"{key}.model: missing (a local model folder or a hub id)")
-    _check_type(f"{key}.model", raw["model"], (str,), "a string")
-    model = raw["model"]
+    else:
+        _check_type(f"{key}.model", raw["model"], (str,), "a string")
+        model = raw["model"]
     local = _resolve_path(model, base)
-    if Path(local).exists() or _looks_like_path(model):
+    if cls.model_class is not None and (Path(local).exists() or _looks_like_path(model)):
         model = local
         folder = Path(model)
         if not folder.is_dir():
@@ -120,7 +210,9 @@ def parse_head(name: str, raw: Any, base: Path) -> HeadConfig:
         if not (folder / "config.json").exists():
             raise ConfigError(f"{key}.model: no config.json in {model}")
     for k, types, what in (("revision", (str,), "a string"), ("where", (str,), "an SQL predicate string"),
-                           ("gold_column", (str,), "a column name"),
+                           ("gold_column", (str,), "a column name"), ("input", (str,), "a head name"),
+                           ("source_lang", (str,), "an ISO 639-1 code such as 'de'"),
+                           ("depends_on", (list,), "a list of head names"),
                            ("dtype", (str,), "a string"), ("device", (str,), "a string"),
                            ("batch_tokens", (int,), "an integer"), ("trust_remote_code", (bool,), "true or false")):
         if k in raw:
@@ -131,6 +223,11 @@ def parse_head(name: str, raw: Any, base: Path) -> HeadConfig:
         raise ConfigError(f"{key}.batch_tokens: must be at least 16")
     if "where" in raw and not raw["where"].strip():
         raise ConfigError(f"{key}.where: empty predicate (leave the key out to route every document)")
+    if any(not isinstance(d, str) for d in raw.get("depends_on", [])):
+        raise ConfigError(f"{key}.depends_on: expected a list of head names, got {raw['depends_on']!r}")
+    if "source_lang" in raw and not re.fullmatch(r"[a-z]{2}", raw["source_lang"]):
+        raise ConfigError(f"{key}.source_lang: expected a two-letter ISO 639-1 code such as 'de', "
+                          f"got {raw['source_lang']!r}")
     params = {k: v for k, v in raw.items() if k in cls.params}
     for k, v in params.items():
         default = cls.params[k]
@@ -145,7 +242,8 @@ def parse_head(name: str, raw: Any, base: Path) -> HeadConfig:
                       dtype=raw.get("dtype", "float32"), device=raw.get("device", "auto"),
                       batch_tokens=raw.get("batch_tokens", 4096),
                       trust_remote_code=raw.get("trust_remote_code", False), gold_column=raw.get("gold_column"),
-                      params=params)
+                      params=params, depends_on=tuple(raw.get("depends_on", ())), input=raw.get("input"),
+                      source_lang=raw.get("source_lang"))
 
 
 def parse_config(raw: Mapping[str, Any], base: Path, source: str | None = None) -> PipelineConfig:
@@ -166,10 +264,43 @@ def parse_config(raw: Mapping[str, Any], base: Path, source: str | None = None) 
     heads_raw = raw.get("heads")
     if not heads_raw or not isinstance(heads_raw, dict):
         raise ConfigError("heads: no heads configured (add a [heads.NAME] table with task and model)")
+    if "lang_column" in raw:
+        _check_type("lang_column", raw["lang_column"], (str,), "a column name")
+    max_models = raw.get("max_resident_models", 0)
+    _check_type("max_resident_models", max_models, (int,), "an integer")
+    if max_models < 0:
+        raise ConfigError("max_resident_models: must be 0 (no limit) or more")
     heads = tuple(parse_head(name, h, base) for name, h in heads_raw.items())
-    return PipelineConfig(corpus=_resolve_path(raw["corpus"], base), database=_resolve_path(raw["database"], base),
-                          heads=heads, id_column=raw.get("id_column", "id"),
-                          text_column=raw.get("text_column", "text"), unit_docs=unit_docs, source=source)
+    cfg = PipelineConfig(corpus=_resolve_path(raw["corpus"], base), database=_resolve_path(raw["database"], base),
+                         heads=heads, id_column=raw.get("id_column", "id"),
+                         text_column=raw.get("text_column", "text"), unit_docs=unit_docs, source=source,
+                         lang_column=raw.get("lang_column"), max_resident_models=max_models)
+    _check_dependencies(cfg)
+    return cfg
+
+
+def _check_dependencies(cfg: PipelineConfig) -> None:
+    names = {h.name for h in cfg.heads}
+    tasks = {h.name: h.task for h in cfg.heads}
+    languages = [h.name for h in cfg.heads if h.task == "language"]
+    for h in cfg.heads:
+        key = f"heads.{h.name}"
+        for d in h.depends_on:
+            if d not in names or d == h.name:
+                raise ConfigError(f"{key}.depends_on: {d!r} is not another head (heads: {', '.join(sorted(names))})")
+        if h.input is not None:
+            if h.input not in names or h.input == h.name:
+                raise ConfigError(f"{key}.input: {h.input!r} is not another head")
+            if tasks[h.input] != "translation":
+                raise ConfigError(f"{key}.input: {h.input!r} is a {tasks[h.input]} head; input must name a "
+                                  "translation head (its output text replaces the text column)")
+        if h.source_lang and not cfg.lang_column:
+            if h.task == "language":
+                raise ConfigError(f"{key}.source_lang: a language head cannot route by its own output")
+            if len(languages) != 1:
+                raise ConfigError(f"{key}.source_lang: needs lang_column, or exactly one head with "
+                                  f"task = 'language' (found {len(languages)})")
+    cfg.levels()  # refuses cycles with the loop spelled out
 
 
 def load_config(path: str | os.PathLike) -> PipelineConfig:

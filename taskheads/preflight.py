@@ -26,8 +26,11 @@ def preflight(cfg: PipelineConfig) -> list[str]:
         if head.gold_column and head.task not in GOLD_TASKS:
             raise ConfigError(f"heads.{head.name}.gold_column: evaluation is available for "
                               f"{', '.join(sorted(GOLD_TASKS))} heads, not {head.task}")
-        if head.where and schema is not None:
-            problem = validate_where(schema, head.where)
+        routing = cfg.routing(head)
+        if routing and schema is not None:
+            upstream = {u: cfg.head(u).table for u in cfg.upstream(head)}
+            problem = validate_where(schema, routing, cfg.id_column, upstream)
             if problem:
-                raise ConfigError(f"heads.{head.name}.where: invalid predicate {head.where!r}: {problem}")
+                key = "where" if head.where else ("source_lang" if head.source_lang else "input")
+                raise ConfigError(f"heads.{head.name}.{key}: invalid predicate {routing!r}: {problem}")
     return files

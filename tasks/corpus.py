@@ -10,9 +10,9 @@ from storage.plan import PlanHead, plan_work
 
 @task(name="plan-corpus", cache_policy=NO_CACHE)
 def plan_corpus(corpus: str, database: str, heads: list[PlanHead], id_column: str, text_column: str,
-                unit_docs: int, full: bool):
+                unit_docs: int, full: bool, inputs_dir: str | None = None):
     """Returns (files, usable files, plans per head, rows scanned, one error line per unusable file)."""
     files = corpus_files(corpus)
     good, errors = check_files(files, [id_column, text_column])
-    plans, rows, plan_errors = plan_work(database, good, heads, id_column, text_column, unit_docs, full)
+    plans, rows, plan_errors = plan_work(database, good, heads, id_column, text_column, unit_docs, full, inputs_dir)
     return files, good, plans, rows, errors + plan_errors

@@ -9,7 +9,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from heads.engine import pipe
-from heads.loading import cached_head
+from heads.loading import using_head
 from storage.corpus import read_docs
 from storage.plan import WorkUnit
 from storage.staging import stage_shard
@@ -30,18 +30,29 @@ def shard_id_for(run_id: str, head: str, unit: WorkUnit) -> str:
     return f"{run_id}-{head}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
-@task(name="infer-unit", cache_policy=NO_CACHE)
+# Every unit's task run carries this tag: `prefect concurrency-limit create taskheads-infer K` caps how
+# many units run at once across all workers (each running unit holds one model in memory).
+INFER_TAG = "taskheads-infer"
+
+
+@task(name="infer-unit", cache_policy=NO_CACHE, tags=[INFER_TAG])
 def infer_unit(unit: WorkUnit, head_cfg, id_column: str, text_column: str, run_id: str, model_id: str,
-               staging: str) -> UnitOutcome:
-    head = cached_head(head_cfg)
+               staging: str, max_resident_models: int = 0) -> UnitOutcome:
+    with using_head(head_cfg, max_resident_models) as head:
+        return _infer(head, unit, head_cfg, id_column, text_column, run_id, model_id, staging)
+
+
+def _infer(head, unit: WorkUnit, head_cfg, id_column: str, text_column: str, run_id: str, model_id: str,
+           staging: str) -> UnitOutcome:
     lineage = {"head": head_cfg.name, "run_id": run_id, "model_id": model_id}
     fingerprint = dict(zip(unit.rows, unit.fingerprints))
     docs, invalid = read_docs(unit.path, unit.rows, id_column, text_column, head.needed_columns())
+    source_file = unit.source or unit.path
 
-    failed = [{**lineage, "doc_id": doc_id, "error": reason, "stage": "plan", "source_file": unit.path,
+    failed = [{**lineage, "doc_id": doc_id, "error": reason, "stage": "plan", "source_file": source_file,
                "source_row": row} for row, doc_id, reason in unit.refused]
     failed += [{**lineage, "doc_id": bad["doc_id"], "error": bad["error"], "stage": "read",
-                "source_file": unit.path, "source_row": bad["row"]} for bad in invalid]
+                "source_file": source_file, "source_row": unit.source_row(bad["row"])} for bad in invalid]
     covered = [{"doc_id": bad["doc_id"], "fingerprint": fingerprint[bad["row"]], "status": "failed"}
                for bad in invalid if bad["doc_id"] is not None]
     rows = []
@@ -49,7 +60,7 @@ def infer_unit(unit: WorkUnit, head_cfg, id_column: str, text_column: str, run_i
     for (row, doc), res in zip(docs, results):
         if res.error is not None:
             failed.append({**lineage, "doc_id": doc.doc_id, "error": res.error, "stage": res.stage,
-                           "source_file": unit.path, "source_row": row})
+                           "source_file": source_file, "source_row": unit.source_row(row)})
         else:
             rows.extend({**r, **lineage, "doc_id": doc.doc_id} for r in res.rows)
         covered.append({"doc_id": doc.doc_id, "fingerprint": fingerprint[row],
