@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import duckdb
 
 from .schema import DDL
+from .views import create_views
 from taskheads.faults import checkpoint
 
 from .staging import clear_staging, read_manifest, remove_shard, staged_manifests
@@ -53,6 +54,7 @@ def ensure_schema(database: str) -> None:
     try:
         for ddl in DDL:
             con.execute(ddl)
+        create_views(con)
     finally:
         con.close()
 

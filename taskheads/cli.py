@@ -1,4 +1,4 @@
-"""`taskheads` command line: run a config ad hoc, query results."""
+"""`taskheads` command line: run a config ad hoc or on a schedule, query results, write a report."""
 from __future__ import annotations
 
 import argparse
@@ -41,28 +41,129 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
+def _checked_config(args: argparse.Namespace):
+    """The config with CLI overrides, checked against the corpus; ConfigError on any problem."""
+    from .config import load_config
     from .preflight import preflight
 
+    cfg = load_config(args.config).with_overrides(corpus=args.corpus, database=args.db)
+    preflight(cfg)
+    return cfg
+
+
+def task_runner(runner: str, address: str | None, workers: int):
+    """The Prefect task runner for `--runner`: threads in this process, or Dask (local cluster or `address`)."""
+    if runner == "thread":
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    # one torch thread per worker process: the workers share this machine's cores
+    os.environ.setdefault("TASKHEADS_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
+class ProgressBars:
+    """One rich progress bar per head (documents to infer), fed by the flow's progress events."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+        self.bars: dict[str, int] = {}
+
+    def __call__(self, event: str, info: dict) -> None:
+        if event == "head_planned" and info["docs"]:
+            self.bars[info["head"]] = self.progress.add_task(info["head"], total=info["docs"])
+        elif event == "unit_done" and info["head"] in self.bars:
+            self.progress.advance(self.bars[info["head"]], info["docs"])
+
+    def __enter__(self):
+        from .progress import subscribe
+
+        self.unsubscribe = subscribe(self)
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+        self.unsubscribe()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack, nullcontext
+
+    from .config import ConfigError
+
     try:
-        cfg = load_config(args.config).with_overrides(corpus=args.corpus, database=args.db)
-        preflight(cfg)
+        cfg = _checked_config(args)
     except ConfigError as exc:
         print(f"taskheads: config error: {exc}", file=sys.stderr)
         return 2
     quiet_prefect_console(args.verbose)
-    from flows.process_corpus import process_corpus
+    with ExitStack() as stack:
+        try:
+            if args.runner != "thread":  # Dask workers need one shared API, not one ephemeral API each
+                from .server import prefect_api
 
-    try:
-        summary = process_corpus(config_path=args.config, corpus=cfg.corpus, database=cfg.database,
-                                 full=args.full)
-    except Exception as exc:
-        print(f"taskheads: run failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}",
-              file=sys.stderr)
-        return 1
+                stack.enter_context(prefect_api())
+            from flows.process_corpus import process_corpus
+
+            runner = task_runner(args.runner, args.address, args.workers)
+            flow = process_corpus.with_options(task_runner=runner) if runner else process_corpus
+            show = sys.stderr.isatty() and not args.verbose and not args.no_progress
+            with ProgressBars() if show else nullcontext():
+                summary = flow(config_path=args.config, corpus=cfg.corpus, database=cfg.database, full=args.full)
+        except Exception as exc:
+            print(f"taskheads: run failed: {type(exc).__name__}: "
+                  f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", file=sys.stderr)
+            return 1
     print(format_summary(summary))
     return 1 if summary["file_errors"] else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the corpus flow on a schedule: each run picks up only new or changed documents."""
+    from pathlib import Path
+
+    from .config import ConfigError
+    from .server import ServerError, prefect_api
+
+    try:
+        cfg = _checked_config(args)
+    except ConfigError as exc:
+        print(f"taskheads: config error: {exc}", file=sys.stderr)
+        return 2
+    quiet_prefect_console(args.verbose)
+    name = args.name or f"taskheads-{Path(args.config).stem}"
+    try:
+        with prefect_api() as url:
+            from flows.process_corpus import process_corpus
+
+            when = f"cron {args.cron!r}" if args.cron else f"every {args.interval} s"
+            print(f"taskheads: serving deployment process-corpus/{name} ({when}) via {url}; Ctrl-C stops",
+                  flush=True)
+            process_corpus.serve(
+                name=name, cron=args.cron, interval=args.interval, limit=1, print_starting_message=False,
+                parameters={"config_path": str(Path(args.config).resolve()), "corpus": cfg.corpus,
+                            "database": cfg.database, "full": False},
+                tags=["taskheads"], description=f"taskheads corpus flow for {Path(args.config).name}")
+    except ServerError as exc:
+        print(f"taskheads: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import main_report
+
+    return main_report(args.db, args.out)
 
 
 def format_table(columns: list[str], rows: list[tuple], max_width: int = 60) -> str:
@@ -97,18 +198,39 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="pipeline config (TOML)")
+    p.add_argument("--corpus", help="override the config's corpus (file, folder or glob)")
+    p.add_argument("--db", help="override the config's database file")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs on the console")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskheads", description="Run transformer task heads over Parquet "
                                      "corpora and query the results in DuckDB.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a pipeline config once (ad hoc)")
-    run.add_argument("config", help="pipeline config (TOML)")
-    run.add_argument("--corpus", help="override the config's corpus (file, folder or glob)")
-    run.add_argument("--db", help="override the config's database file")
+    _config_args(run)
     run.add_argument("--full", action="store_true", help="infer every document, even those unchanged since the "
                      "last run")
-    run.add_argument("-v", "--verbose", action="store_true", help="show Prefect's task logs on the console")
+    run.add_argument("--runner", choices=("thread", "dask"), default="thread",
+                     help="where units run: threads in this process (default) or Dask workers")
+    run.add_argument("--address", help="with --runner dask: scheduler address of an existing Dask cluster "
+                     "(default: start a local cluster)")
+    run.add_argument("--workers", type=int, default=2, help="with --runner dask: local cluster worker processes")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
+    serve = sub.add_parser("serve", help="serve the config as a scheduled Prefect deployment (runs until stopped)")
+    _config_args(serve)
+    when = serve.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help='cron schedule, e.g. "0 * * * *" (hourly)')
+    when.add_argument("--interval", type=float, help="seconds between runs")
+    serve.add_argument("--name", help="deployment name (default: taskheads-<config file stem>)")
+    serve.set_defaults(func=cmd_serve)
+    report = sub.add_parser("report", help="write an HTML report with plots of a results database")
+    report.add_argument("db")
+    report.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
+    report.set_defaults(func=cmd_report)
     sql = sub.add_parser("sql", help="run one read-only SQL query against a results database")
     sql.add_argument("db")
     sql.add_argument("query")
