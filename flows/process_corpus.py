@@ -39,6 +39,7 @@ class HeadSummary:
     rows: int = 0  # result rows loaded
     seconds: float = 0.0
     metrics: dict = field(default_factory=dict)  # against the gold column, when configured
+    workers: list[str] = field(default_factory=list)  # host:pid of the processes that ran its units
 
 
 @dataclass
@@ -144,6 +145,8 @@ def _run_level(cfg, level, plans, s: RunSummary, staging: str) -> None:
         hs.inferred += out.inferred
         hs.done += out.done
         hs.failed += out.failed
+        if out.worker not in hs.workers:
+            hs.workers.append(out.worker)
         emit("unit_done", head=h.name, docs=len(unit.rows) + len(unit.refused), failed=out.failed)
 
 

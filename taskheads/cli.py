@@ -60,9 +60,9 @@ def task_runner(runner: str, address: str | None, workers: int):
     if address:
         return DaskTaskRunner(address=address)
     # one torch thread per worker process: the workers share this machine's cores
-    os.environ.setdefault("TASKHEADS_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    threads = os.environ.get("TASKHEADS_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None})
+                                          "dashboard_address": None, "env": {"TASKHEADS_THREADS": threads}})
 
 
 class ProgressBars:

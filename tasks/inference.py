@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ class UnitOutcome:
     inferred: int  # documents run through the model (done or failed there)
     done: int
     failed: int  # failures of any stage: plan (duplicate id), read, encode, forward, decode
+    worker: str = ""  # host:pid that ran the unit
 
 
 def shard_id_for(run_id: str, head: str, unit: WorkUnit) -> str:
@@ -71,4 +74,5 @@ def _infer(head, unit: WorkUnit, head_cfg, id_column: str, text_column: str, run
     checkpoint("staged")
     model_failures = sum(1 for r in results if r.error is not None)
     return UnitOutcome(manifest=manifest, head=head_cfg.name, inferred=len(docs),
-                       done=len(docs) - model_failures, failed=len(failed))
+                       done=len(docs) - model_failures, failed=len(failed),
+                       worker=f"{socket.gethostname()}:{os.getpid()}")

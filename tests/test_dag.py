@@ -172,8 +172,25 @@ input = "english"
     assert set(failed) | set(got) == set(translated)
     assert all(f.endswith("c.parquet") for f in failed.values())  # failures name the corpus file
 
+    markdown = _run_artifact(summary["run_id"])
+    assert f"`{summary['run_id']}`" in markdown or summary["run_id"] in markdown
+    for name, h in summary["heads"].items():
+        assert name in markdown and str(h["inferred"]) in markdown
+
     again = _run(tmp_path / "dag.toml")
     assert all(h["inferred"] == 0 for h in again["heads"].values())
+
+
+def _run_artifact(run_id: str) -> str:
+    """The Markdown artifact the flow published for its run, read back from the Prefect API."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        found = client.request("POST", "/artifacts/filter", json={
+            "artifacts": {"key": {"any_": ["taskheads-run"]}, "flow_run_id": {"any_": [run_id]}},
+            "limit": 10, "offset": 0, "sort": "CREATED_DESC"}).json()
+    assert len(found) == 1 and found[0]["type"] == "markdown"
+    return found[0]["data"]
 
 
 def test_lang_column_routes_without_detection(tmp_path, tiny_models, prefect_harness):
