@@ -87,4 +87,6 @@ def test_killed_run_then_rerun_equals_clean_run(setup, clean, kill_at):
     assert shards[0] == shards[1]  # no package loaded twice
     assert not any((root / (os.path.basename(db) + ".staging")).glob("*/*"))  # nothing left behind
     # a package staged (or mid-load) when the run died is loaded by the next run, not recomputed
-    assert ("recovered" in resumed.stdout) == kill_at.startswith(("staged", "load:"))
+    # (units run concurrently, so a kill elsewhere may also leave other units' packages staged)
+    if kill_at.startswith(("staged", "load:")):
+        assert "recovered" in resumed.stdout
