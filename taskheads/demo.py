@@ -151,7 +151,11 @@ def main() -> int:
         sql = sql.replace("{corpus}", corpus)
         print(f"\n== {title}")
         print(format_table(*query(str(OUT / "results.duckdb"), sql)))
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; query it yourself:\n"
+    from .report import build_report
+
+    report = build_report(str(OUT / "results.duckdb"), str(OUT / "report.html"))
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; plots of the results: {report}\n"
+          f"query it yourself:\n"
           f"  .venv/bin/taskheads sql {OUT / 'results.duckdb'} \"SELECT * FROM entities LIMIT 10\"")
     return status
 
