@@ -62,7 +62,8 @@ def task_runner(runner: str, address: str | None, workers: int):
     # one torch thread per worker process: the workers share this machine's cores
     threads = os.environ.get("TASKHEADS_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None, "env": {"TASKHEADS_THREADS": threads}})
+                                          "dashboard_address": None,
+                                          "env": {"TASKHEADS_THREADS": threads, "RAYON_NUM_THREADS": threads}})
 
 
 class ProgressBars:
