@@ -62,7 +62,7 @@ def task_runner(runner: str, address: str | None, workers: int):
     # one torch thread per worker process: the workers share this machine's cores
     threads = os.environ.get("TASKHEADS_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None,
+                                          "dashboard_address": ":0",
                                           "env": {"TASKHEADS_THREADS": threads, "RAYON_NUM_THREADS": threads}})
 
 
@@ -142,7 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     quiet_prefect_console(args.verbose)
     name = args.name or f"taskheads-{Path(args.config).stem}"
     try:
-        with prefect_api() as url:
+        with prefect_api(wait_for_runs=args.stop_timeout) as url:
             from flows.process_corpus import process_corpus
 
             when = f"cron {args.cron!r}" if args.cron else f"every {args.interval} s"
@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--cron", help='cron schedule, e.g. "0 * * * *" (hourly)')
     when.add_argument("--interval", type=float, help="seconds between runs")
     serve.add_argument("--name", help="deployment name (default: taskheads-<config file stem>)")
+    serve.add_argument("--stop-timeout", type=float, default=900.0, help="on SIGTERM/Ctrl-C, seconds to let a "
+                       "running flow run finish before the Prefect server this command started is stopped")
     serve.set_defaults(func=cmd_serve)
     report = sub.add_parser("report", help="write an HTML report with plots of a results database")
     report.add_argument("db")

@@ -50,9 +50,47 @@ def _drain_prefect_clients(timeout: float = 10.0) -> None:
             pass
 
 
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _children(exclude: set[int]) -> list[int]:
+    """Live child processes of this process (Linux /proc), e.g. flow runs started by `serve`."""
+    me, kids = os.getpid(), []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) in exclude:
+            continue
+        try:
+            state, ppid = (d / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError, IndexError):
+            continue
+        if int(ppid) == me and state != "Z" and b"resource_tracker" not in _cmdline(d):
+            kids.append(int(d.name))  # (multiprocessing's resource tracker lives as long as we do)
+    return kids
+
+
+def _wait_for_children(exclude: set[int], timeout: float) -> None:
+    """Let flow runs still going finish while the server they report to is up (bounded; a second
+    signal cuts the wait short)."""
+    deadline = time.monotonic() + timeout
+    told = False
+    while (kids := _children(exclude)) and time.monotonic() < deadline:
+        if not told:
+            print(f"taskheads: waiting for {len(kids)} running flow run process(es) to finish before stopping "
+                  f"the Prefect server (up to {timeout:.0f} s; signal again to stop now)", file=sys.stderr, flush=True)
+            told = True
+        time.sleep(0.5)
+
+
 @contextmanager
-def prefect_api(log_path: str | None = None, timeout: float = 90.0):
-    """Yield the API URL to use, starting a local `prefect server start` when none is configured."""
+def prefect_api(log_path: str | None = None, timeout: float = 90.0, wait_for_runs: float = 0.0):
+    """Yield the API URL to use, starting a local `prefect server start` when none is configured.
+
+    `wait_for_runs`: on exit, seconds to wait for child processes (served flow runs) before the
+    server started here is stopped; a run that loses its API mid-way cannot record its end."""
     url = os.environ.get("PREFECT_API_URL")
     if url:
         yield url
@@ -78,6 +116,8 @@ def prefect_api(log_path: str | None = None, timeout: float = 90.0):
         os.environ["PREFECT_API_URL"] = url  # child processes (Dask workers, served runs) inherit it
         yield url
     finally:
+        if wait_for_runs:
+            _wait_for_children({proc.pid}, wait_for_runs)
         _drain_prefect_clients()
         os.environ.pop("PREFECT_API_URL", None)
         proc.terminate()
