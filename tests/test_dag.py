@@ -243,3 +243,27 @@ def test_where_on_unknown_upstream_field_fails_preflight(tmp_path, tiny_models):
                               b={"task": "classification", "model": m, "where": "a.colour = 'red'"}), tmp_path)
     with pytest.raises(ConfigError, match="heads.b.where: invalid predicate"):
         preflight(cfg)
+
+
+def test_serve_drops_only_scheduled_runs_whose_time_passed(prefect_harness):
+    """A restarted `serve` does not replay every missed slot (each would be a whole run, one after
+    another); scheduled runs still ahead, and runs in other states, are kept."""
+    from datetime import datetime, timedelta, timezone
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Scheduled
+
+    from taskheads.cli import drop_missed_runs
+
+    now = datetime.now(timezone.utc)
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("process-corpus")
+        dep = client.create_deployment(flow_id=flow_id, name="missed-test")
+        runs = {when: client.create_flow_run_from_deployment(dep, state=Scheduled(scheduled_time=now + when)).id
+                for when in (timedelta(hours=-3), timedelta(minutes=-10), timedelta(seconds=-5),
+                             timedelta(hours=1))}
+        done = client.create_flow_run_from_deployment(dep, state=Completed()).id
+        assert drop_missed_runs("process-corpus/missed-test") == 2
+        left = {r.id for r in client.read_flow_runs(limit=200) if r.deployment_id == dep}
+    assert left == {runs[timedelta(seconds=-5)], runs[timedelta(hours=1)], done}  # 5 s late: within grace
+    assert drop_missed_runs("process-corpus/no-such-deployment") == 0
