@@ -76,8 +76,8 @@ def process_corpus(config_path: str, corpus: str | None = None, database: str | 
     with run_lock(cfg.database):
         start_run(cfg.database, run_id, cfg.source, cfg.corpus)
         try:
-            s.recovered_rows = recover_staged(cfg.database, run_id)
-            staging = staging_dir(cfg.database, run_id)
+            s.recovered_rows = recover_staged(cfg.database, run_id, cfg.staging)
+            staging = staging_dir(cfg.database, run_id, cfg.staging)
             plan_heads = _plan_heads(cfg, s)
             for depth, level in enumerate(cfg.levels()):
                 files, usable, plans, docs_read, errors = plan_corpus(

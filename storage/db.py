@@ -98,16 +98,16 @@ def run_lock(database: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def recover(database: str, run_id: str) -> int:
+def recover(database: str, run_id: str, staging: str | None = None) -> int:
     """Finish what a killed run left: load its complete packages, drop partial files, mark it.
 
     Called under `run_lock`, so every other staging folder belongs to a dead run.
     """
     loaded = 0
-    for manifest in staged_manifests(database):
+    for manifest in staged_manifests(database, staging):
         if Path(manifest).parent.name != run_id:
             loaded += load_shard(database, manifest)[0]
-    clear_staging(database, keep_run=run_id)
+    clear_staging(database, keep_run=run_id, staging=staging)
     con = connect(database)
     try:
         con.execute("UPDATE runs SET status = 'interrupted', finished_at = coalesce(finished_at, ?) "

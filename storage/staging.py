@@ -6,6 +6,7 @@ ever reads manifests, which makes staging safe to interrupt at any point.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,8 +24,18 @@ def _atomic_write_parquet(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def staging_dir(database: str, run_id: str) -> Path:
-    d = Path(database).with_name(Path(database).name + ".staging") / run_id
+def staging_root(database: str, staging: str | None = None) -> Path:
+    """Where a database's load packages are staged: beside it (`<database>.staging/`), or under a
+    configured folder that every worker can reach (a shared filesystem when workers are machines),
+    in a subfolder of its own per database so that recovery never loads another database's packages."""
+    if not staging:
+        return Path(database).with_name(Path(database).name + ".staging")
+    key = hashlib.sha1(str(Path(database).resolve()).encode()).hexdigest()[:10]
+    return Path(staging) / f"{Path(database).name}-{key}"
+
+
+def staging_dir(database: str, run_id: str, staging: str | None = None) -> Path:
+    d = staging_root(database, staging) / run_id
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -70,17 +81,17 @@ def remove_shard(path: str) -> None:
         (base / manifest[part]).unlink(missing_ok=True)
 
 
-def staged_manifests(database: str) -> list[str]:
+def staged_manifests(database: str, staging: str | None = None) -> list[str]:
     """Complete load packages left by earlier runs (a crash between staging and loading)."""
-    root = Path(database).with_name(Path(database).name + ".staging")
+    root = staging_root(database, staging)
     return sorted(str(p) for p in root.glob("*/*.json")) if root.is_dir() else []
 
 
-def clear_staging(database: str, keep_run: str | None = None) -> None:
+def clear_staging(database: str, keep_run: str | None = None, staging: str | None = None) -> None:
     """Remove staging folders (partial files of dead runs) except the current run's."""
     import shutil
 
-    root = Path(database).with_name(Path(database).name + ".staging")
+    root = staging_root(database, staging)
     if root.is_dir():
         for d in root.iterdir():
             if d.name != keep_run:

@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 TOP_KEYS = {
     "corpus": "file, folder or glob of Parquet files",
     "database": "DuckDB file the results go to",
+    "staging": "folder for load packages (default: beside the database); on a shared filesystem for remote workers",
     "id_column": "corpus column holding the document id (default 'id')",
     "text_column": "corpus column holding the text (default 'text')",
     "unit_docs": "documents per work unit (one Prefect task per unit and head)",
@@ -88,6 +89,7 @@ class PipelineConfig:
     source: str | None = None  # the config file, for lineage
     lang_column: str | None = None
     max_resident_models: int = 0
+    staging: str | None = None
 
     def head(self, name: str) -> HeadConfig:
         return next(h for h in self.heads if h.name == name)
@@ -266,6 +268,8 @@ def parse_config(raw: Mapping[str, Any], base: Path, source: str | None = None) 
         raise ConfigError("heads: no heads configured (add a [heads.NAME] table with task and model)")
     if "lang_column" in raw:
         _check_type("lang_column", raw["lang_column"], (str,), "a column name")
+    if "staging" in raw:
+        _check_type("staging", raw["staging"], (str,), "a folder path")
     max_models = raw.get("max_resident_models", 0)
     _check_type("max_resident_models", max_models, (int,), "an integer")
     if max_models < 0:
@@ -274,7 +278,8 @@ def parse_config(raw: Mapping[str, Any], base: Path, source: str | None = None) 
     cfg = PipelineConfig(corpus=_resolve_path(raw["corpus"], base), database=_resolve_path(raw["database"], base),
                          heads=heads, id_column=raw.get("id_column", "id"),
                          text_column=raw.get("text_column", "text"), unit_docs=unit_docs, source=source,
-                         lang_column=raw.get("lang_column"), max_resident_models=max_models)
+                         lang_column=raw.get("lang_column"), max_resident_models=max_models,
+                         staging=_resolve_path(raw["staging"], base) if raw.get("staging") else None)
     _check_dependencies(cfg)
     return cfg
 

@@ -36,6 +36,6 @@ def finish_run(database: str, run_id: str, status: str, docs_read: int, head_sta
 
 
 @task(name="recover-staged", cache_policy=NO_CACHE)
-def recover_staged(database: str, run_id: str) -> int:
+def recover_staged(database: str, run_id: str, staging: str | None = None) -> int:
     """Load what a killed run staged but did not load; returns result rows recovered."""
-    return db.recover(database, run_id)
+    return db.recover(database, run_id, staging)

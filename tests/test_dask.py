@@ -55,6 +55,7 @@ def test_two_dask_workers_match_a_single_process_run(tmp_path, tiny_models, pref
     (tmp_path / "p.toml").write_text(f"""
 corpus = "corpus"
 database = "one.duckdb"
+staging = "shared"                # workers and loader meet here (a shared filesystem across machines)
 unit_docs = 4
 lang_column = "lang"
 
@@ -87,4 +88,8 @@ input = "english"
     assert one["classifications"] and one["entities"] and one["translations"] and one["failed_docs"]
     assert one == two
     assert _workers(tmp_path / "one.duckdb") == 1 and _workers(tmp_path / "two.duckdb") == 2
+    # packages went through the configured staging folder, one subfolder per database, now empty
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "shared").iterdir()) == ["one.duckdb", "two.duckdb"]
+    assert not list((tmp_path / "shared").glob("*/*/*.json"))
+    assert not list(tmp_path.glob("*.staging"))
     assert "PREFECT_API_URL" in os.environ  # the CLI left the caller's setting alone

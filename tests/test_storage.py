@@ -142,3 +142,14 @@ def test_failed_load_leaves_no_partial_batch(tmp_path):
     assert con.execute("SELECT count(*) FROM failed_docs").fetchone() == (1,)  # delete rolled back
     assert con.execute("SELECT count(*) FROM loaded_shards").fetchone() == (0,)
     con.close()
+
+
+def test_configured_staging_keeps_databases_apart(tmp_path):
+    from storage.staging import staging_root
+
+    a, b = tmp_path / "x" / "results.duckdb", tmp_path / "y" / "results.duckdb"
+    assert staging_root(str(a)) == tmp_path / "x" / "results.duckdb.staging"
+    shared = str(tmp_path / "shared")
+    ra, rb = staging_root(str(a), shared), staging_root(str(b), shared)
+    assert ra.parent == rb.parent == tmp_path / "shared" and ra != rb  # same file name, other database
+    assert staging_root(str(a), shared) == ra  # stable: a rerun finds a killed run's packages
