@@ -100,30 +100,23 @@ def readable_schema(files: Sequence[str]) -> pa.Schema | None:
 def validate_where(schema: pa.Schema, where: str, id_column: str = "id",
                    upstream: Mapping[str, str] | None = None) -> str | None:
     """Check a predicate against corpus columns and the upstream heads it reads ({head: result table},
-    seen as struct columns named after the heads); returns the DuckDB error line or None."""
-    from .schema import DDL, upstream_sql
+    seen as struct columns named after the heads, as planning sees them, over empty tables);
+    returns the DuckDB error line or None."""
+    from .plan import create_upstream, source_sql
+    from .schema import DDL
 
     con = duckdb.connect()
     try:
         con.register("corpus", schema.empty_table())
-        source = "corpus c"
         if upstream:
             con.execute("ATTACH ':memory:' AS results")
             con.execute("USE results")
             for ddl in DDL:
                 con.execute(ddl)
             con.execute("USE memory")
-            quoted = '"' + id_column.replace('"', '""') + '"'
-            params = []
-            cols, joins = "", ""
-            for k, (name, table) in enumerate(upstream.items()):
-                cols += f', u{k}.s AS "{name.replace(chr(34), chr(34) * 2)}"'
-                joins += f" LEFT JOIN ({upstream_sql(table)}) u{k} ON u{k}.doc_id = CAST(c.{quoted} AS VARCHAR)"
-                params.append(name)
-            source = f"(SELECT c.*{cols} FROM corpus c{joins}) c"
-            con.execute(f"SELECT count(*) FROM {source} WHERE ({where})", params).fetchall()
-        else:
-            con.execute(f"SELECT count(*) FROM {source} WHERE ({where})").fetchall()
+            create_upstream(con, upstream)
+        con.execute(f"SELECT count(*) FROM {source_sql('corpus', list(upstream or ()), id_column)} "
+                    f"WHERE ({where})").fetchall()
         return None
     except duckdb.Error as exc:
         return str(exc).strip().splitlines()[0]

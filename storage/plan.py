@@ -17,11 +17,10 @@ The database is attached read-only, so planning never blocks readers for long an
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
-
-import hashlib
+from typing import Mapping, Sequence
 
 import duckdb
 import pyarrow.parquet as pq
@@ -82,12 +81,19 @@ def _fingerprint_sql(text: str, text_is_string: bool, extras: Sequence[str], pre
     return "sha256(" + " || chr(0) || ".join(parts) + ")"
 
 
-def _source_sql(upstream: Sequence[str], id_column: str) -> str:
-    """The rows of one corpus file (parameter) with one struct column per upstream head."""
+def create_upstream(con, upstream: Mapping[str, str]) -> None:
+    """Temp tables up_0, up_1 ...: (doc_id, struct) per upstream head {name: result table}, read from
+    the database attached as `results`."""
+    for k, (name, table) in enumerate(upstream.items()):
+        con.execute(f"CREATE TEMP TABLE up_{k} AS {upstream_sql(table)}", [name])
+
+
+def source_sql(rows: str, upstream: Sequence[str], id_column: str) -> str:
+    """Corpus rows (`rows`: a relation) with one struct column per upstream head, as relation `src`."""
     cols = "".join(f", up_{k}.s AS {_q(name)}" for k, name in enumerate(upstream))
     joins = "".join(f" LEFT JOIN up_{k} ON up_{k}.doc_id = CAST(c.{_q(id_column)} AS VARCHAR)"
                     for k in range(len(upstream)))
-    return f"(SELECT c.*{cols} FROM read_parquet(?, file_row_number = true) c{joins}) src"
+    return f"(SELECT c.*{cols} FROM {rows} c{joins}) src"
 
 
 def plan_work(database: str | None, files: Sequence[str], heads: Sequence[PlanHead], id_column: str,
@@ -105,9 +111,8 @@ def plan_work(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
         upstream = dict(u for h in heads for u in h.upstream)
         if upstream and not has_state:
             raise RuntimeError(f"upstream heads {', '.join(upstream)} have no results database yet")
-        for k, (name, table) in enumerate(upstream.items()):
-            con.execute(f"CREATE TEMP TABLE up_{k} AS {upstream_sql(table)}", [name])
-        source = _source_sql(list(upstream), id_column)
+        create_upstream(con, upstream)
+        source = source_sql("read_parquet(?, file_row_number = true)", list(upstream), id_column)
         cols = ", ".join(f"fp_{i} VARCHAR, r_{i} BOOLEAN" for i in range(len(heads)))
         con.execute(f"CREATE TEMP TABLE scan (file_no INTEGER, row BIGINT, doc_id VARCHAR, {cols})")
         for file_no, path in enumerate(files):
