@@ -29,6 +29,10 @@ def preflight(cfg: PipelineConfig) -> list[str]:
         routing = cfg.routing(head)
         if routing and schema is not None:
             upstream = {u: cfg.head(u).table for u in cfg.upstream(head)}
+            clash = sorted(set(upstream) & set(schema.names))
+            if clash:
+                raise ConfigError(f"heads.{head.name}: it reads head {clash[0]!r}, which is also the name of a "
+                                  "corpus column (ambiguous in its routing): rename that head")
             problem = validate_where(schema, routing, cfg.id_column, upstream)
             if problem:
                 key = "where" if head.where else ("source_lang" if head.source_lang else "input")

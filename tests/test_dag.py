@@ -267,3 +267,14 @@ def test_serve_drops_only_scheduled_runs_whose_time_passed(prefect_harness):
         left = {r.id for r in client.read_flow_runs(limit=200) if r.deployment_id == dep}
     assert left == {runs[timedelta(seconds=-5)], runs[timedelta(hours=1)], done}  # 5 s late: within grace
     assert drop_missed_runs("process-corpus/no-such-deployment") == 0
+
+
+def test_upstream_head_named_like_a_corpus_column_is_refused(tmp_path, tiny_models):
+    from taskheads.preflight import preflight
+
+    _write(tmp_path, [{"id": "1", "text": "x", "topic": "sport"}])
+    m = tiny_models["classification"]
+    cfg = parse_config(_heads(topic={"task": "classification", "model": m},
+                              b={"task": "classification", "model": m, "where": "topic.label = 'x'"}), tmp_path)
+    with pytest.raises(ConfigError, match="reads head 'topic', which is also the name of a corpus column"):
+        preflight(cfg)
