@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -129,20 +128,11 @@ def child(args: argparse.Namespace) -> None:
 # Setup: corpus, model, config
 # ---------------------------------------------------------------------------------------------
 
-WORDS = ("the government said on monday that shares in the company rose sharply after a report "
-         "showed profits had doubled while the minister for sport promised new funding for clubs "
-         "across the country and analysts in london expected further gains as the election neared "
-         "technology firms reported strong demand for chips and the film won three awards").split()
-
-
 def synthetic_corpus(n: int, seed: int = 1) -> list[str]:
-    """News-like snippets (as benchmarks/run.py): lognormal word counts, median ~55 words, long tail."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        k = max(3, min(1500, int(rng.lognormvariate(4.0, 0.7))))
-        out.append(" ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + ".")
-    return out
+    """News-like snippets, the generator of benchmarks/run.py (lognormal word counts, long tail)."""
+    from run import corpus
+
+    return corpus(n, seed)
 
 
 def bbc_corpus(n: int) -> list[str]:

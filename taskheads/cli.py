@@ -42,12 +42,18 @@ def format_summary(s: dict) -> str:
 
 
 def _checked_config(args: argparse.Namespace):
-    """The config with CLI overrides, checked against the corpus; ConfigError on any problem."""
-    from .config import load_config
+    """The config with CLI overrides, checked against the corpus, with Prefect's console quieted;
+    None (after one error line) when it cannot run."""
+    from .config import ConfigError, load_config
     from .preflight import preflight
 
-    cfg = load_config(args.config).with_overrides(corpus=args.corpus, database=args.db)
-    preflight(cfg)
+    try:
+        cfg = load_config(args.config).with_overrides(corpus=args.corpus, database=args.db)
+        preflight(cfg)
+    except ConfigError as exc:
+        print(f"taskheads: config error: {exc}", file=sys.stderr)
+        return None
+    quiet_prefect_console(args.verbose)
     return cfg
 
 
@@ -98,14 +104,9 @@ class ProgressBars:
 def cmd_run(args: argparse.Namespace) -> int:
     from contextlib import ExitStack, nullcontext
 
-    from .config import ConfigError
-
-    try:
-        cfg = _checked_config(args)
-    except ConfigError as exc:
-        print(f"taskheads: config error: {exc}", file=sys.stderr)
+    cfg = _checked_config(args)
+    if cfg is None:
         return 2
-    quiet_prefect_console(args.verbose)
     with ExitStack() as stack:
         try:
             if args.runner != "thread":  # Dask workers need one shared API, not one ephemeral API each
@@ -132,15 +133,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import warnings
     from pathlib import Path
 
-    from .config import ConfigError
     from .server import ServerError, prefect_api
 
-    try:
-        cfg = _checked_config(args)
-    except ConfigError as exc:
-        print(f"taskheads: config error: {exc}", file=sys.stderr)
+    cfg = _checked_config(args)
+    if cfg is None:
         return 2
-    quiet_prefect_console(args.verbose)
     # Prefect's SIGTERM handler leaves its runner's stop coroutine unawaited; the warning is noise
     warnings.filterwarnings("ignore", message=r"coroutine 'Runner\.astop' was never awaited")
     name = args.name or f"taskheads-{Path(args.config).stem}"
