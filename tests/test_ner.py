@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from heads.base import Doc
 from heads.engine import pipe, plan_batches
 from heads.loading import load_head
-from heads.ner import (AGGREGATIONS, NerHead, aggregate, aggregate_words, choose_windows, decode_entities,
+from heads.ner import (AGGREGATIONS, NerHead, aggregate_words, choose_windows, decode_entities,
                        filter_ignored, gather_pre_entities, get_tag, group_entities, stitch_windows, token_scores,
                        window_positions)
 from taskheads.tiny_models import NER_LABELS, build_bert
@@ -347,7 +347,6 @@ def test_long_document_windows(long_model):
     assert len(set(choice.tolist())) == len(windows)  # every window contributes
 
     hf = pipeline("token-classification", model=head.model, tokenizer=head.tokenizer)
-    tokens = head.tokenizer.convert_ids_to_tokens(g_ids)
     scores = token_scores(ref_logits)
     crossing = 0
     for agg in AGGREGATIONS:

@@ -22,7 +22,7 @@ from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 from heads.base import Doc, DocumentError
 from heads.engine import pipe
 from heads.loading import load_head
-from heads.qa import QuestionAnsweringHead, QuestionTooLongError, decode_answer
+from heads.qa import QuestionAnsweringHead, decode_answer
 from taskheads.tiny_models import build_bert
 
 ROW_KEYS = {"question", "answer", "start_char", "end_char", "score", "n_windows"}
