@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 
 OUT = Path(os.environ.get("TASKHEADS_DEMO_DIR", "demo_out"))
+CORPUS = OUT / "corpus" / "bbc-v2.parquet"  # v2: no `topic` column (the head of that name is routed on)
 
 QUESTIONS = ["Who is the chief executive?", "Which company is buying?", "How much did it cost?"]
 
 CONFIG = f"""\
 # taskheads demo pipeline (written by `python -m taskheads.demo`)
-corpus = "corpus/bbc.parquet"
+corpus = "corpus/bbc-v2.parquet"
 database = "results.duckdb"
 
 [heads.topic]
@@ -39,7 +40,7 @@ where = "split = 'test'"
 task = "qa"
 model = "models/qa"
 questions = {QUESTIONS!r}
-where = "split = 'test' AND topic = 'business'"
+where = "split = 'test' AND topic.label = 'business'"   # the topic head's prediction: runs after it
 
 # Translation needs seq2seq weights, and no package on the registry ships any: skipped here.
 # With network access to the Hugging Face hub, this is all it takes:
@@ -52,7 +53,7 @@ where = "split = 'test' AND topic = 'business'"
 QUERIES = [
     ("Predicted topics of the held-out articles, and accuracy against the gold topic",
      "SELECT c.label AS predicted, count(*) AS docs, round(avg(c.score), 3) AS confidence, "
-     "round(avg(CASE WHEN c.label = d.topic THEN 1 ELSE 0 END), 3) AS accuracy "
+     "round(avg(CASE WHEN c.label = d.gold_topic THEN 1 ELSE 0 END), 3) AS accuracy "
      "FROM classifications c JOIN read_parquet('{corpus}') d ON d.id = c.doc_id "
      "GROUP BY ALL ORDER BY docs DESC"),
     ("Evaluations stored by training (held-out split) and by the corpus run (gold column)",
@@ -89,8 +90,10 @@ def prepare_data() -> None:
     from .demo_data import bbc_articles, split_bbc, synthetic_ner, synthetic_qa
 
     rows = split_bbc(bbc_articles())
-    corpus = [{**r, "gold_topic": r["topic"] if r["split"] == "test" else None} for r in rows]
-    write_rows(str(OUT / "corpus" / "bbc.parquet"), corpus)
+    # the topic is kept as gold_topic (held-out split only): `topic` is the head's name in routing
+    corpus = [{**{k: v for k, v in r.items() if k != "topic"}, "gold_topic": r["topic"] if r["split"] == "test"
+               else None} for r in rows]
+    write_rows(str(CORPUS), corpus)
     data = OUT / "training"
     write_rows(str(data / "topic-train.parquet"),
                [{"text": r["text"], "label": r["topic"]} for r in rows if r["split"] == "train"])
@@ -135,7 +138,7 @@ def main() -> int:
     quiet_prefect_console()
     t0 = time.perf_counter()
     OUT.mkdir(exist_ok=True)
-    if not (OUT / "corpus" / "bbc.parquet").exists():
+    if not CORPUS.exists():
         print("demo: building the BBC News corpus and the synthetic training sets ...", flush=True)
         prepare_data()
     train_models()
@@ -146,7 +149,7 @@ def main() -> int:
     status = cli_main(["run", str(OUT / "pipeline.toml")])
     from storage.db import query
 
-    corpus = str((OUT / "corpus" / "bbc.parquet").resolve()).replace("'", "''")
+    corpus = str(CORPUS.resolve()).replace("'", "''")
     for title, sql in QUERIES:
         sql = sql.replace("{corpus}", corpus)
         print(f"\n== {title}")
