@@ -13,18 +13,15 @@ import duckdb
 from training.metrics import accuracy, macro_f1
 
 from .db import connect
+from .schema import quote
 
 GOLD_TASKS = {"classification"}
 
 
 def _gold(con, files: Sequence[str], id_column: str, gold_column: str) -> None:
-    con.execute("CREATE OR REPLACE TEMP TABLE gold AS SELECT CAST(" + _q(id_column) + " AS VARCHAR) AS doc_id, "
-                + _q(gold_column) + " AS gold FROM read_parquet(?, union_by_name = true) WHERE "
-                + _q(gold_column) + " IS NOT NULL", [list(files)])
-
-
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+    con.execute("CREATE OR REPLACE TEMP TABLE gold AS SELECT CAST(" + quote(id_column) + " AS VARCHAR) AS doc_id, "
+                + quote(gold_column) + " AS gold FROM read_parquet(?, union_by_name = true) WHERE "
+                + quote(gold_column) + " IS NOT NULL", [list(files)])
 
 
 def classification_metrics(pairs: Sequence[tuple[str, str]]) -> dict[str, float]:

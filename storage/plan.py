@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 import duckdb
 import pyarrow.parquet as pq
 
-from .schema import upstream_sql
+from .schema import quote, upstream_sql
 
 
 @dataclass(frozen=True)
@@ -70,14 +70,10 @@ class HeadPlan:
     conflicts: int = 0  # same id, different text: reported in failed_docs
 
 
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _fingerprint_sql(text: str, text_is_string: bool, extras: Sequence[str], present: set[str]) -> str:
     if not text_is_string:
         return "CAST(NULL AS VARCHAR)"
-    parts = [text] + [f"coalesce(CAST({_q(c)} AS VARCHAR), '')" if c in present else "''" for c in extras]
+    parts = [text] + [f"coalesce(CAST({quote(c)} AS VARCHAR), '')" if c in present else "''" for c in extras]
     return "sha256(" + " || chr(0) || ".join(parts) + ")"
 
 
@@ -90,8 +86,8 @@ def create_upstream(con, upstream: Mapping[str, str]) -> None:
 
 def source_sql(rows: str, upstream: Sequence[str], id_column: str) -> str:
     """Corpus rows (`rows`: a relation) with one struct column per upstream head, as relation `src`."""
-    cols = "".join(f", up_{k}.s AS {_q(name)}" for k, name in enumerate(upstream))
-    joins = "".join(f" LEFT JOIN up_{k} ON up_{k}.doc_id = CAST(c.{_q(id_column)} AS VARCHAR)"
+    cols = "".join(f", up_{k}.s AS {quote(name)}" for k, name in enumerate(upstream))
+    joins = "".join(f" LEFT JOIN up_{k} ON up_{k}.doc_id = CAST(c.{quote(id_column)} AS VARCHAR)"
                     for k in range(len(upstream)))
     return f"(SELECT c.*{cols} FROM {rows} c{joins}) src"
 
@@ -122,13 +118,13 @@ def plan_work(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
             is_string = str(text_type) in ("string", "large_string", "string_view")
             exprs = []
             for i, h in enumerate(heads):
-                text = f"{_q(h.input)}.text" if h.input else _q(text_column)
+                text = f"{quote(h.input)}.text" if h.input else quote(text_column)
                 exprs.append(_fingerprint_sql(text, is_string or bool(h.input), h.extra_columns, present)
                              + f" AS fp_{i}")
                 exprs.append(f"coalesce(({h.where}), false) AS r_{i}" if h.where else f"true AS r_{i}")
             try:
                 con.execute(
-                    f"INSERT INTO scan SELECT ?, file_row_number, CAST({_q(id_column)} AS VARCHAR), {', '.join(exprs)} "
+                    f"INSERT INTO scan SELECT ?, file_row_number, CAST({quote(id_column)} AS VARCHAR), {', '.join(exprs)} "
                     f"FROM {source}", [file_no, path])
             except duckdb.Error as exc:
                 errors.append(f"{path}: cannot be planned ({str(exc).strip().splitlines()[0]})")
@@ -158,8 +154,8 @@ def _stage_inputs(con, head: PlanHead, plan: HeadPlan, source: str, id_column: s
             continue
         present = set(pq.read_schema(path).names)
         extras = [c for c in head.extra_columns if c in present and c not in (id_column, text_column)]
-        cols = ", ".join([f"CAST(src.{_q(id_column)} AS VARCHAR) AS {_q(id_column)}",
-                          f"{_q(head.input)}.text AS {_q(text_column)}"] + [f"src.{_q(c)}" for c in extras])
+        cols = ", ".join([f"CAST(src.{quote(id_column)} AS VARCHAR) AS {quote(id_column)}",
+                          f"{quote(head.input)}.text AS {quote(text_column)}"] + [f"src.{quote(c)}" for c in extras])
         table = con.sql(f"SELECT {cols} FROM {source} WHERE src.file_row_number IN (SELECT unnest(?)) "
                         "ORDER BY src.file_row_number", params=[path, wanted]).to_arrow_table()
         out = inputs_dir / f"{head.name}-{hashlib.sha1(path.encode()).hexdigest()[:12]}.parquet"

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+def quote(name: str) -> str:
+    """An SQL identifier (column or head name) quoted for DuckDB; never used for values."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 # Arrow schemas of the rows each result table receives (what heads' decode returns, plus keys).
 KEY_FIELDS = [pa.field("head", pa.string()), pa.field("doc_id", pa.string())]
 LINEAGE_FIELDS = [pa.field("run_id", pa.string()), pa.field("model_id", pa.string())]

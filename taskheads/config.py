@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from storage.schema import quote
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -133,11 +135,6 @@ class PipelineConfig:
 
     def with_overrides(self, corpus: str | None = None, database: str | None = None) -> "PipelineConfig":
         return replace(self, corpus=corpus or self.corpus, database=database or self.database)
-
-
-def quote(name: str) -> str:
-    """An SQL identifier (column or head name) quoted for DuckDB."""
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _strip_literals(sql: str) -> str:
