@@ -33,6 +33,8 @@ class HeadSummary:
     routed: int = 0  # corpus rows the head's `where` selects
     unchanged: int = 0  # skipped: same text and model as the stored result
     duplicates: int = 0  # skipped: the same id and text seen earlier in the corpus
+    skipped_failed: int = 0  # skipped: failed before on this text and model (terminal, or out of attempts)
+    retried: int = 0  # of inferred: failed before on this text and model, tried again
     inferred: int = 0  # run through the model
     done: int = 0
     failed: int = 0
@@ -40,6 +42,8 @@ class HeadSummary:
     seconds: float = 0.0
     metrics: dict = field(default_factory=dict)  # against the gold column, when configured
     workers: list[str] = field(default_factory=list)  # host:pid of the processes that ran its units
+    model_failed: int = 0  # of inferred: failed in encode, forward or decode
+    reasons: dict[str, int] = field(default_factory=dict)  # model-stage failure reasons, most common first
 
 
 @dataclass
@@ -60,8 +64,11 @@ class RunSummary:
 
 @flow(name="process-corpus", task_runner=ThreadPoolTaskRunner(max_workers=4))
 def process_corpus(config_path: str, corpus: str | None = None, database: str | None = None,
-                   full: bool = False) -> dict:
+                   full: bool = False, retry_failed: bool = False) -> dict:
     """Run every configured head over the corpus; only new or changed documents unless `full`.
+
+    Documents that failed before are tried again when the fault was transient (up to
+    `max_attempts`), or all of them with `retry_failed`.
 
     Heads run level by level (a head after the heads whose results it reads); the units of one level
     are submitted together, so independent heads run concurrently (on Dask workers with
@@ -82,11 +89,12 @@ def process_corpus(config_path: str, corpus: str | None = None, database: str | 
             for depth, level in enumerate(cfg.levels()):
                 files, usable, plans, docs_read, errors = plan_corpus(
                     cfg.corpus, cfg.database, [plan_heads[h.name] for h in level], cfg.id_column, cfg.text_column,
-                    cfg.unit_docs, full, str(staging / "inputs"))
+                    cfg.unit_docs, full, str(staging / "inputs"), cfg.max_attempts, retry_failed)
                 if depth == 0:
                     s.files, s.docs_read = len(files), docs_read
                 s.file_errors += [e for e in errors if e not in s.file_errors]
                 _run_level(cfg, level, plans, s, str(staging))
+                _check_heads(level, s)
                 for h in level:
                     if h.gold_column:
                         s.heads[h.name].metrics = evaluate_gold(cfg.database, usable, h, cfg.id_column,
@@ -124,18 +132,22 @@ def _run_level(cfg, level, plans, s: RunSummary, staging: str) -> None:
     for h in level:
         hs, plan = s.heads[h.name], plans[h.name]
         hs.routed, hs.unchanged, hs.duplicates = plan.routed, plan.unchanged, plan.duplicates
+        hs.retried, hs.skipped_failed = plan.retried, plan.skipped_failed
         emit("head_planned", head=h.name, units=len(plan.units), docs=plan.to_infer + plan.conflicts)
         for unit in plan.units:
             future = infer_unit.submit(unit, h, cfg.id_column, cfg.text_column, s.run_id, hs.model_id, staging,
                                        cfg.max_resident_models)
             pending[future] = (h, unit)
+    log = get_run_logger()
     for future in as_completed(list(pending)):
         h, unit = pending[future]
         hs = s.heads[h.name]
         try:
             out = future.result()
             hs.rows += load_shard(cfg.database, out.manifest)[0]
-        except Exception as exc:  # the file changed or broke mid-run: name it, go on
+        except Exception as exc:  # a bug, a broken model, a file changed mid-run: loud, and the rest goes on
+            log.error(f"head {h.name}, unit {unit.unit_id} failed; its documents stay as they were and are "
+                      "retried next run", exc_info=exc)
             s.file_errors.append(f"{unit.source or unit.path}: {h.name} failed on rows {unit.unit_id} "
                                  f"({type(exc).__name__}: {str(exc).strip()[:200]})")
             emit("unit_done", head=h.name, docs=len(unit.rows) + len(unit.refused), failed=0)
@@ -145,9 +157,22 @@ def _run_level(cfg, level, plans, s: RunSummary, staging: str) -> None:
         hs.inferred += out.inferred
         hs.done += out.done
         hs.failed += out.failed
+        hs.model_failed += out.model_failed
+        for reason, n in out.reasons:
+            hs.reasons[reason] = hs.reasons.get(reason, 0) + n
         if out.worker not in hs.workers:
             hs.workers.append(out.worker)
         emit("unit_done", head=h.name, docs=len(unit.rows) + len(unit.refused), failed=out.failed)
+
+
+def _check_heads(level, s: RunSummary) -> None:
+    """A head whose every inferred document failed is broken, not unlucky: report it like a failed unit."""
+    for h in level:
+        hs = s.heads[h.name]
+        hs.reasons = dict(sorted(hs.reasons.items(), key=lambda kv: -kv[1])[:3])
+        if hs.inferred and hs.model_failed == hs.inferred:
+            reason, n = next(iter(hs.reasons.items()), ("unknown", hs.inferred))
+            s.file_errors.append(f"{h.name}: all {hs.inferred} documents failed; most common reason ({n}): {reason}")
 
 
 def publish_run_artifact(summary: dict) -> None:

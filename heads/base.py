@@ -39,7 +39,17 @@ class Feature:
 
 
 class DocumentError(Exception):
-    """A terminal problem with one document: it goes to `failed_docs` with this reason."""
+    """A terminal problem with one document (a prompt longer than the model window, text the tokenizer
+    rejects): it goes to `failed_docs` with this reason (kind `terminal`) and is not retried until the
+    text, the model or the head's params change, or `taskheads run --retry-failed`.
+
+    Any exception that is neither this nor `TransientDocumentError` (nor out of memory on one
+    feature) is not the document's fault: it fails the whole unit, loudly."""
+
+
+class TransientDocumentError(Exception):
+    """A passing problem with one document (a timeout, memory pressure): recorded in `failed_docs`
+    (kind `transient`) and retried by later runs, at most `max_attempts` times."""
 
 
 class Head:

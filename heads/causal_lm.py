@@ -21,7 +21,7 @@ distribution) calls `torch.manual_seed(seed)` before each `generate()` call: the
 the same batches give the same outputs, but a document's sample depends on the batch it lands in
 (its row and the other rows draw from one random stream), hence on the token budget and on the
 other documents of the run. Generation is never truncated: a prompt whose tokens plus
-`max_new_tokens` exceed the model window fails with a ValueError naming the three numbers.
+`max_new_tokens` exceed the model window fails with a DocumentError naming the three numbers.
 Other generation settings of the model's `generation_config` (repetition penalty, ...) apply;
 beam search is off (`num_beams = 1`). The engine's token budget counts prompt tokens only, not
 the `max_new_tokens` each row adds.
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from .base import Doc, Feature, Head, trim_generated
+from .base import Doc, DocumentError, Feature, Head, trim_generated
 
 MODES = ("perplexity", "generate")
 TABLES = {"perplexity": "lm_scores", "generate": "generations"}
@@ -222,11 +222,11 @@ class CausalLMHead(Head):
     # --- the contract -------------------------------------------------------------------
     def encode(self, doc: Doc) -> list[Feature]:
         if not isinstance(doc.text, str) or not doc.text.strip():
-            raise ValueError("empty text")
+            raise DocumentError("empty text")
         if self.mode == "perplexity":
             ids = self.text_ids(doc.text)
             if len(ids) < 2:
-                raise ValueError(f"perplexity needs at least 2 tokens (the first token has no prediction); "
+                raise DocumentError(f"perplexity needs at least 2 tokens (the first token has no prediction); "
                                  f"the document has {len(ids)}")
             plan = perplexity_windows(len(ids), self.window, self.stride)
             return [Feature(0, ids[b:e], None, {"window": k, "n_windows": len(plan), "begin": b,
@@ -235,9 +235,9 @@ class CausalLMHead(Head):
         ids = self.prompt_ids(doc.text)
         mnt, w = self.p["max_new_tokens"], self.window
         if not ids:
-            raise ValueError("the prompt has no tokens")
+            raise DocumentError("the prompt has no tokens")
         if len(ids) + mnt > w:
-            raise ValueError(f"prompt of {len(ids)} tokens + max_new_tokens {mnt} exceed the model window {w}")
+            raise DocumentError(f"prompt of {len(ids)} tokens + max_new_tokens {mnt} exceed the model window {w}")
         return [Feature(0, ids, None, {"prompt_id": 0})]
 
     def forward(self, feats: Sequence[Feature]) -> list[Any]:

@@ -2,15 +2,25 @@
 
 Features of many documents are sorted by token length and packed into batches whose padded size
 (longest feature x batch size) stays under a token budget, so short documents are not padded to the
-length of long ones. Outputs are put back in document order before decoding. A batch that raises is
-split in halves until the failing feature is found: only its document fails, the rest still lands.
+length of long ones. Outputs are put back in document order before decoding.
+
+Faults are decided here, in one place. A document's fault fails that document only: a batch that
+raises one is split in halves until the failing feature is found, and the rest still lands.
+- terminal: `DocumentError` (a prompt longer than the window, text the tokenizer rejects; a Rust
+  tokenizer panic counts as one);
+- transient: `TransientDocumentError`, a timeout, or out of memory on a single feature (the budget
+  is halved first, so only a feature that never fits fails).
+Any other exception is a bug or a broken model, not the document's fault: it propagates, and the
+unit fails loudly instead of quietly filling `failed_docs`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .base import Doc, Feature, Head
+from taskheads.faults import injected_failure
+
+from .base import Doc, DocumentError, Feature, Head, TransientDocumentError
 
 DEFAULT_TOKEN_BUDGET = 4096  # padded tokens per batch; 2k-4k is fastest on CPU (see notes)
 
@@ -21,6 +31,7 @@ class DocResult:
     rows: list[dict] = field(default_factory=list)
     error: str | None = None  # set when the document failed; rows is then empty
     stage: str | None = None  # encode | forward | decode
+    kind: str | None = None  # terminal | transient, when it failed
 
 
 MIN_FILL = 0.95  # a batch stops growing when padding would pass 5% of its tokens ...
@@ -82,9 +93,18 @@ def _release_memory() -> None:
         pass
 
 
-def _document_fault(exc: BaseException) -> bool:
-    """Errors a document can cause (incl. Rust tokenizer panics, which are BaseExceptions)."""
-    return not isinstance(exc, _FATAL)
+def _fault_kind(exc: BaseException) -> str | None:
+    """'terminal' or 'transient' for a document's fault; None when the exception is not one (a bug, a
+    broken model, an interrupt): the caller re-raises it."""
+    if isinstance(exc, _FATAL):
+        return None
+    if isinstance(exc, DocumentError):
+        return "terminal"
+    if isinstance(exc, (TransientDocumentError, TimeoutError)) or _is_oom(exc):
+        return "transient"
+    if not isinstance(exc, Exception):  # a Rust tokenizer panic (pyo3's PanicException): it rejects the text
+        return "terminal"
+    return None
 
 
 def _describe(exc: BaseException) -> str:
@@ -102,24 +122,40 @@ def pipe(head: Head, docs: Sequence[Doc], token_budget: int = DEFAULT_TOKEN_BUDG
     batches, padded and real token counts, OOM back-offs and the final budget.
     """
     results = [DocResult(doc) for doc in docs]
+
+    def fail(r: DocResult, reason: str, stage: str, kind: str) -> None:
+        r.error, r.stage, r.kind, r.rows = reason, stage, kind, []
+
     feats: list[Feature] = []
     for i, doc in enumerate(docs):
         try:
             doc_feats = head.encode(doc)
         except BaseException as exc:  # a document the tokenizer or head rejects
-            if not _document_fault(exc):
+            kind = _fault_kind(exc)
+            if kind is None:
                 raise
-            results[i].error, results[i].stage = _describe(exc), "encode"
+            fail(results[i], _describe(exc), "encode", kind)
             continue
         for f in doc_feats:
             f.doc_index = i
         feats.extend(doc_feats)
 
     outs: list[Any] = [None] * len(feats)
-    failed_feature: dict[int, str] = {}
+    failed_feature: dict[int, tuple[str, str]] = {}  # feature -> (reason, kind)
     lengths = [f.length for f in feats]
     counters = {"batches": 0, "padded_tokens": 0, "real_tokens": sum(lengths), "oom_backoffs": 0}
     budget = token_budget
+
+    def forward(idx: list[int]) -> list[Any]:
+        injected = injected_failure(head.name, (docs[feats[j].doc_index].doc_id for j in idx))
+        if injected == "terminal":
+            raise DocumentError("injected terminal fault (TASKHEADS_FAIL_DOCS)")
+        if injected:
+            raise MemoryError("simulated out of memory (TASKHEADS_FAIL_DOCS)")
+        batch_outs = head.forward([feats[j] for j in idx])
+        if len(batch_outs) != len(idx):
+            raise RuntimeError(f"head returned {len(batch_outs)} outputs for {len(idx)} inputs")
+        return batch_outs
 
     def run(idx: list[int]) -> None:
         """Forward one batch; bisect on a document fault so only the bad feature fails."""
@@ -127,16 +163,15 @@ def pipe(head: Head, docs: Sequence[Doc], token_budget: int = DEFAULT_TOKEN_BUDG
         try:
             counters["batches"] += 1
             counters["padded_tokens"] += max(lengths[j] for j in idx) * len(idx)
-            batch_outs = head.forward([feats[j] for j in idx])
-            if len(batch_outs) != len(idx):
-                raise RuntimeError(f"head returned {len(batch_outs)} outputs for {len(idx)} inputs")
+            batch_outs = forward(idx)
         except BaseException as exc:
-            if not _document_fault(exc):
+            kind = _fault_kind(exc)
+            if kind is None:
                 raise
             if _is_oom(exc):
                 _release_memory()
                 if len(idx) == 1:
-                    failed_feature[idx[0]] = f"out of memory on {lengths[idx[0]]} tokens ({_describe(exc)})"
+                    failed_feature[idx[0]] = (f"out of memory on {lengths[idx[0]]} tokens ({_describe(exc)})", kind)
                     return
                 counters["oom_backoffs"] += 1
                 budget = max(budget // 2, 1)
@@ -144,7 +179,7 @@ def pipe(head: Head, docs: Sequence[Doc], token_budget: int = DEFAULT_TOKEN_BUDG
                     run([idx[k] for k in part])
                 return
             if len(idx) == 1:
-                failed_feature[idx[0]] = _describe(exc)
+                failed_feature[idx[0]] = (_describe(exc), kind)
                 return
             mid = len(idx) // 2
             run(idx[:mid])
@@ -164,10 +199,10 @@ def pipe(head: Head, docs: Sequence[Doc], token_budget: int = DEFAULT_TOKEN_BUDG
     by_doc: dict[int, list[int]] = {}
     for j, f in enumerate(feats):
         by_doc.setdefault(f.doc_index, []).append(j)
-    for j, reason in failed_feature.items():
+    for j, (reason, kind) in failed_feature.items():
         r = results[feats[j].doc_index]
         if r.error is None:
-            r.error, r.stage = reason, "forward"
+            fail(r, reason, "forward", kind)
 
     for i, r in enumerate(results):
         if r.error is not None:
@@ -176,7 +211,8 @@ def pipe(head: Head, docs: Sequence[Doc], token_budget: int = DEFAULT_TOKEN_BUDG
         try:
             r.rows = head.decode(r.doc, [feats[j] for j in idx], [outs[j] for j in idx])
         except BaseException as exc:
-            if not _document_fault(exc):
+            kind = _fault_kind(exc)
+            if kind is None:
                 raise
-            r.error, r.stage, r.rows = _describe(exc), "decode", []
+            fail(r, _describe(exc), "decode", kind)
     return results

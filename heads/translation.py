@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
-from .base import Doc, Feature, Head, trim_generated
+from .base import Doc, DocumentError, Feature, Head, trim_generated
 
 # End of a sentence: ., !, ? or an ellipsis (with closing quotes or brackets) followed by whitespace,
 # CJK full-width sentence ends, or a line break. "3.14" and "e.g.," are not boundaries.
@@ -76,12 +76,12 @@ def split_segments(text: str, limit: int, n_tokens: Callable[[str], int],
     `s` (no prefix, no special tokens). The whole text is one segment when it fits; otherwise
     consecutive sentences are packed greedily (each segment takes as many sentences as fit) and a
     sentence that does not fit alone is cut into consecutive token windows, without overlap.
-    Segments are trimmed and in order; only whitespace lies between them. Raises ValueError for
-    empty text or when not even one token fits.
+    Segments are trimmed and in order; only whitespace lies between them. Raises DocumentError for
+    empty text or when not even one token fits (ValueError when the prefix leaves no room).
     """
     a, b = _trim(text, 0, len(text))
     if a == b:
-        raise ValueError("empty text")
+        raise DocumentError("empty text")
     if n_tokens(text[a:b]) <= limit:
         return [Segment(a, b, text[a:b])]
     overhead = n_tokens("")
@@ -140,7 +140,7 @@ def _token_windows(text: str, span: tuple[int, int], budget: int, limit: int, n_
             if n <= limit:
                 break
             if take == 1:
-                raise ValueError(f"a single token {text[s:e]!r} does not fit a {limit}-token window")
+                raise DocumentError(f"a single token {text[s:e]!r} does not fit a {limit}-token window")
             take = max(1, take - (n - limit))
         if s < e:
             out.append((s, e))
@@ -210,7 +210,7 @@ class TranslationHead(Head):
     # --- the contract -------------------------------------------------------------------
     def encode(self, doc: Doc) -> list[Feature]:
         if not isinstance(doc.text, str) or not doc.text.strip():
-            raise ValueError("empty text")
+            raise DocumentError("empty text")
         segs = self.segments(doc.text)
         feats = []
         for k, seg in enumerate(segs):

@@ -71,12 +71,13 @@ def start_run(database: str, run_id: str, config_path: str | None, corpus: str) 
 
 def finish_run(database: str, run_id: str, status: str, docs_read: int, head_stats: dict[str, dict],
                file_errors: Sequence[str], error: str | None = None) -> None:
-    totals = {k: sum(h.get(k, 0) for h in head_stats.values()) for k in ("inferred", "unchanged", "failed")}
+    totals = {k: sum(h.get(k, 0) for h in head_stats.values())
+              for k in ("inferred", "unchanged", "skipped_failed", "failed")}
     con = connect(database)
     try:
         con.execute("UPDATE runs SET finished_at = ?, status = ?, docs_read = ?, docs_inferred = ?, docs_skipped = ?, "
                     "docs_failed = ?, head_stats = ?, file_errors = ?, error = ? WHERE run_id = ?",
-                    [_now(), status, docs_read, totals["inferred"], totals["unchanged"], totals["failed"],
+                    [_now(), status, docs_read, totals["inferred"], totals["unchanged"] + totals["skipped_failed"], totals["failed"],
                      json.dumps(head_stats), list(file_errors), error, run_id])
     finally:
         con.close()
@@ -151,9 +152,11 @@ def record_evaluations(database: str, rows: Sequence[dict]) -> None:
 def load_shard(database: str, manifest_path: str) -> tuple[int, int]:
     """Load one staged package in one transaction; returns (result rows, failed rows) loaded.
 
-    The transaction replaces the rows of the documents the package covers (results, failures and
-    `doc_state`) and records the package in `loaded_shards`; a package already recorded is skipped,
-    so loading twice (a retry, a recovery after a crash) changes nothing.
+    Documents that succeeded replace their earlier rows, failures and `doc_state`. A failed attempt
+    deletes nothing and leaves `doc_state` (the last success) alone: it only replaces the document's
+    `failed_docs` row, counting `attempts` up while text and model stay the same. The package is
+    recorded in `loaded_shards`; a package already recorded is skipped, so loading twice (a retry, a
+    recovery after a crash) changes nothing.
     """
     manifest, parts = read_manifest(manifest_path)
     table, head = manifest["table"], manifest["head"]
@@ -167,17 +170,24 @@ def load_shard(database: str, manifest_path: str) -> tuple[int, int]:
             con.register(f"staged_{part}", data)
         con.execute("BEGIN TRANSACTION")
         try:
-            con.execute(f"DELETE FROM {table} WHERE head = ? AND doc_id IN (SELECT doc_id FROM staged_covered)",
-                        [head])
+            done = "SELECT doc_id FROM staged_covered WHERE status = 'done'"
+            # attempts in a row on the same text and model: the previous failure's count + 1
+            con.execute(
+                "CREATE OR REPLACE TEMP TABLE new_failed AS SELECT s.* REPLACE ("
+                "  CASE WHEN p.doc_id IS NOT NULL AND p.fingerprint IS NOT DISTINCT FROM s.fingerprint "
+                "  AND p.model_id = s.model_id THEN p.attempts + 1 ELSE 1 END::INTEGER AS attempts) "
+                "FROM staged_failed s LEFT JOIN (SELECT doc_id, fingerprint, model_id, coalesce(max(attempts), 1) "
+                "  AS attempts FROM failed_docs WHERE head = ? AND stage <> 'plan' AND doc_id IS NOT NULL "
+                "  GROUP BY ALL) p ON p.doc_id = s.doc_id AND s.stage <> 'plan'", [head])
+            con.execute(f"DELETE FROM {table} WHERE head = ? AND doc_id IN ({done})", [head])
             con.execute("DELETE FROM failed_docs f WHERE head = ? AND (doc_id IN (SELECT doc_id FROM staged_covered) "
                         "OR EXISTS (SELECT 1 FROM staged_failed s WHERE s.source_file = f.source_file "
                         "AND s.source_row = f.source_row))", [head])
-            con.execute("DELETE FROM doc_state WHERE head = ? AND doc_id IN (SELECT doc_id FROM staged_covered)",
-                        [head])
+            con.execute(f"DELETE FROM doc_state WHERE head = ? AND doc_id IN ({done})", [head])
             con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM staged_results")
-            con.execute("INSERT INTO failed_docs BY NAME SELECT * FROM staged_failed")
-            con.execute("INSERT INTO doc_state SELECT ?, doc_id, fingerprint, ?, ?, status, ? FROM staged_covered",
-                        [head, manifest["model_id"], manifest["run_id"], _now()])
+            con.execute("INSERT INTO failed_docs BY NAME SELECT * FROM new_failed")
+            con.execute("INSERT INTO doc_state SELECT ?, doc_id, fingerprint, ?, ?, status, ? FROM staged_covered "
+                        "WHERE status = 'done'", [head, manifest["model_id"], manifest["run_id"], _now()])
             con.execute("INSERT INTO loaded_shards VALUES (?, ?, ?, ?, ?, ?)",
                         [manifest["shard_id"], manifest["run_id"], head, parts["results"].num_rows,
                          parts["failed"].num_rows, _now()])

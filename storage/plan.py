@@ -68,6 +68,8 @@ class HeadPlan:
     to_infer: int = 0
     duplicates: int = 0  # identical repeats of an id, skipped
     conflicts: int = 0  # same id, different text: reported in failed_docs
+    retried: int = 0  # of to_infer: failed before on the same text and model, tried again
+    skipped_failed: int = 0  # failed before on the same text and model, not retried (terminal, or out of attempts)
 
 
 def _fingerprint_sql(text: str, text_is_string: bool, extras: Sequence[str], present: set[str]) -> str:
@@ -93,9 +95,12 @@ def source_sql(rows: str, upstream: Sequence[str], id_column: str) -> str:
 
 
 def plan_work(database: str | None, files: Sequence[str], heads: Sequence[PlanHead], id_column: str,
-              text_column: str, unit_docs: int, full: bool = False,
-              inputs_dir: str | None = None) -> tuple[dict[str, HeadPlan], int, list[str]]:
-    """Plan every head over `files` (already checked readable): (plans, rows scanned, file error lines)."""
+              text_column: str, unit_docs: int, full: bool = False, inputs_dir: str | None = None,
+              max_attempts: int = 3, retry_failed: bool = False) -> tuple[dict[str, HeadPlan], int, list[str]]:
+    """Plan every head over `files` (already checked readable): (plans, rows scanned, file error lines).
+
+    A document that failed before on the same text and model is tried again when its fault was
+    transient and it has failed fewer than `max_attempts` times, or with `retry_failed` (or `full`)."""
     con = duckdb.connect()
     errors: list[str] = []
     try:
@@ -128,7 +133,8 @@ def plan_work(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
                     f"FROM {source}", [file_no, path])
             except duckdb.Error as exc:
                 errors.append(f"{path}: cannot be planned ({str(exc).strip().splitlines()[0]})")
-        plans = {h.name: _plan_head(con, i, h, files, has_state, unit_docs, full) for i, h in enumerate(heads)}
+        retry = RetryRule(max_attempts, retry_failed or full)
+        plans = {h.name: _plan_head(con, i, h, files, has_state, unit_docs, full, retry) for i, h in enumerate(heads)}
         for h in heads:
             if h.input:
                 _stage_inputs(con, h, plans[h.name], source, id_column, text_column, Path(inputs_dir))
@@ -167,11 +173,25 @@ def _stage_inputs(con, head: PlanHead, plan: HeadPlan, source: str, id_column: s
     plan.units = units
 
 
+@dataclass(frozen=True)
+class RetryRule:
+    max_attempts: int = 3
+    retry_all: bool = False  # --retry-failed / --full: every earlier failure is tried again
+
+
 def _plan_head(con, i: int, head: PlanHead, files: Sequence[str], has_state: bool, unit_docs: int,
-               full: bool) -> HeadPlan:
-    state_join = ("LEFT JOIN results.doc_state d ON d.head = ? AND d.doc_id = s.doc_id" if has_state
-                  else "LEFT JOIN (SELECT NULL::VARCHAR AS fingerprint, NULL::VARCHAR AS model_id) d ON false")
-    params = [head.name] if has_state else []
+               full: bool, retry: RetryRule = RetryRule()) -> HeadPlan:
+    if has_state:
+        state_join = ("LEFT JOIN results.doc_state d ON d.head = $head AND d.doc_id = s.doc_id AND d.status = 'done' "
+                      # the document's last failed attempt (plan-stage rows are about other occurrences)
+                      "LEFT JOIN (SELECT doc_id, fingerprint, model_id, kind, coalesce(attempts, 1) AS attempts "
+                      "  FROM results.failed_docs WHERE head = $head AND stage <> 'plan' AND doc_id IS NOT NULL "
+                      "  QUALIFY row_number() OVER (PARTITION BY doc_id ORDER BY attempts DESC) = 1) f "
+                      "ON f.doc_id = s.doc_id")
+    else:
+        state_join = ("LEFT JOIN (SELECT NULL::VARCHAR AS fingerprint, NULL::VARCHAR AS model_id) d ON false "
+                      "LEFT JOIN (SELECT NULL::VARCHAR AS fingerprint, NULL::VARCHAR AS model_id, NULL::VARCHAR AS kind, "
+                      "  NULL::INTEGER AS attempts) f ON false")
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE classified AS
         WITH routed AS (
@@ -182,22 +202,32 @@ def _plan_head(con, i: int, head: PlanHead, files: Sequence[str], has_state: boo
                    first_value(row) OVER w AS first_row
             FROM scan WHERE r_{i}
             WINDOW w AS (PARTITION BY doc_id ORDER BY file_no, row)
+        ), judged AS (
+            SELECT s.file_no, s.row, s.doc_id, s.fp,
+                   CASE WHEN s.doc_id IS NULL OR s.occurrence = 1 THEN 'first'
+                        WHEN s.fp IS NOT DISTINCT FROM s.first_fp THEN 'repeat'
+                        ELSE 'conflict' END AS kind,
+                   s.first_file, s.first_row,
+                   coalesce(s.fp IS NOT NULL AND d.fingerprint = s.fp AND d.model_id = $model, false) AS unchanged,
+                   coalesce(f.fingerprint IS NOT DISTINCT FROM s.fp AND f.model_id = $model, false) AS failed_before,
+                   coalesce(f.kind = 'terminal' OR f.attempts >= $max_attempts, false) AS retries_spent
+            FROM routed s {state_join}
         )
-        SELECT s.file_no, s.row, s.doc_id, s.fp,
-               CASE WHEN s.doc_id IS NULL OR s.occurrence = 1 THEN 'first'
-                    WHEN s.fp IS NOT DISTINCT FROM s.first_fp THEN 'repeat'
-                    ELSE 'conflict' END AS kind,
-               s.first_file, s.first_row,
-               coalesce(s.fp IS NOT NULL AND d.fingerprint = s.fp AND d.model_id = ?, false) AS unchanged
-        FROM routed s {state_join}""", [head.model_id] + params)
-    counts = dict(con.execute("SELECT kind || CASE WHEN kind = 'first' AND unchanged THEN '-unchanged' ELSE '' END, "
+        SELECT * EXCLUDE (failed_before, retries_spent),
+               failed_before AND NOT unchanged AS retry,
+               failed_before AND NOT unchanged AND retries_spent AND NOT $retry_all AS held
+        FROM judged""", {"model": head.model_id, "max_attempts": retry.max_attempts, "retry_all": retry.retry_all}
+                | ({"head": head.name} if has_state else {}))
+    counts = dict(con.execute("SELECT kind || CASE WHEN kind <> 'first' THEN '' WHEN unchanged THEN '-unchanged' "
+                              "WHEN held THEN '-held' WHEN retry THEN '-retry' ELSE '' END, "
                               "count(*) FROM classified GROUP BY ALL").fetchall())
     # only the rows that need work come back to Python: memory follows the change, not the corpus
     rows = con.execute("SELECT file_no, row, doc_id, fp, kind, first_file, first_row, unchanged FROM classified "
-                       "WHERE kind = 'conflict' OR (kind = 'first' AND (NOT unchanged OR ?)) "
+                       "WHERE kind = 'conflict' OR (kind = 'first' AND (NOT unchanged OR ?) AND NOT held) "
                        "ORDER BY file_no, row", [full]).fetchall()
     plan = HeadPlan(routed=sum(counts.values()), duplicates=counts.get("repeat", 0),
-                    unchanged=0 if full else counts.get("first-unchanged", 0))
+                    unchanged=0 if full else counts.get("first-unchanged", 0),
+                    retried=counts.get("first-retry", 0), skipped_failed=counts.get("first-held", 0))
     per_file: dict[int, list] = {}
     for file_no, row, doc_id, fp, kind, first_file, first_row, unchanged in rows:
         if kind == "conflict":

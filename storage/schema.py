@@ -78,7 +78,12 @@ def upstream_sql(table: str, schema: str = "results") -> str:
 
 
 FAILED_FIELDS = [pa.field("error", pa.string()), pa.field("stage", pa.string()),
-                 pa.field("source_file", pa.string()), pa.field("source_row", pa.int64())]
+                 pa.field("source_file", pa.string()), pa.field("source_row", pa.int64()),
+                 # terminal: not retried until text, model or params change (or --retry-failed);
+                 # transient: retried by later runs while attempts < max_attempts
+                 pa.field("kind", pa.string()),
+                 pa.field("attempts", pa.int32()),  # failed attempts in a row on this text and model
+                 pa.field("fingerprint", pa.string())]  # of the text that failed (doc_state's, for planning)
 # what a load package says about each document it covers (becomes `doc_state`)
 COVERED_SCHEMA = pa.schema([pa.field("doc_id", pa.string()), pa.field("fingerprint", pa.string()),
                             pa.field("status", pa.string())])
@@ -156,7 +161,7 @@ DDL = [
   fingerprint VARCHAR,      -- sha256 of the text and the extra columns the head reads
   model_id VARCHAR,
   run_id VARCHAR,
-  status VARCHAR,           -- done | failed
+  status VARCHAR,           -- done (failed attempts are in failed_docs; they never replace a success)
   updated_at TIMESTAMPTZ
 )""",
     *(_table_ddl(t) for t in RESULT_FIELDS),

@@ -4,7 +4,8 @@ definition in the database, not re-derived in every query.
 - `latest_<table>` (one per table in `schema.RESULT_FIELDS`): the rows of each head produced by that
   head's most recent model (the `model_id` of its most recently updated `doc_state` row), with
   lineage columns `run_started_at`, `model_source`, `model_revision`. Rows an older model produced
-  for documents the new model has not covered yet are left out.
+  for documents the new model has not covered yet are left out; a document the new model tried and
+  failed on keeps its last successful rows in view (a failed attempt never hides a good result).
 - `label_drift`: per classification head and per run that still owns classification rows, the share
   of each label and its change since the head's previous such run (by `runs.started_at`).
   Result rows are *replaced* when a document is re-inferred, so a run's rows are the documents it
@@ -29,9 +30,12 @@ def latest_view_sql(table: str) -> str:
         raise ValueError(f"not a result table: {table}")
     return (f"SELECT t.*, r.started_at AS run_started_at, m.source AS model_source, m.revision AS model_revision\n"
             f"FROM {table} t\n"
-            f"JOIN ({_LATEST_MODEL}) latest ON latest.head = t.head AND latest.model_id = t.model_id\n"
+            f"JOIN ({_LATEST_MODEL}) latest ON latest.head = t.head\n"
             f"LEFT JOIN runs r ON r.run_id = t.run_id\n"
-            f"LEFT JOIN models m ON m.model_id = t.model_id")
+            f"LEFT JOIN models m ON m.model_id = t.model_id\n"
+            # a document the latest model tried and failed keeps its last success in view
+            f"WHERE t.model_id = latest.model_id OR EXISTS (SELECT 1 FROM failed_docs f WHERE f.head = t.head "
+            f"AND f.doc_id = t.doc_id AND f.model_id = latest.model_id)")
 
 
 LABEL_DRIFT_SQL = """

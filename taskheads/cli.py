@@ -24,17 +24,22 @@ def format_summary(s: dict) -> str:
     if s.get("recovered_rows"):
         lines.append(f"recovered {s['recovered_rows']} result rows staged by an interrupted run")
     lines.append("")
-    cols = ("routed", "unchanged", "inferred", "done", "failed", "rows")
+    cols = ("routed", "unchanged", "retried", "inferred", "done", "failed", "rows")
     lines.append(f"{'head':<16}{'task':<15}" + "".join(f"{c:>10}" for c in cols) + f"{'seconds':>9}")
     for name, h in s["heads"].items():
-        lines.append(f"{name:<16}{h['task']:<15}" + "".join(f"{h[c]:>10}" for c in cols) + f"{h['seconds']:>9.1f}")
+        lines.append(f"{name:<16}{h['task']:<15}" + "".join(f"{h.get(c, 0):>10}" for c in cols)
+                     + f"{h['seconds']:>9.1f}")
     for name, h in s["heads"].items():
         if h.get("metrics"):
             shown = ", ".join(f"{k} {v:.3f}" if k != "n" else f"n {v}" for k, v in h["metrics"].items())
             lines.append(f"{name}: against gold: {shown}")
+    for name, h in s["heads"].items():
+        if h.get("skipped_failed"):
+            lines.append(f"{name}: {h['skipped_failed']} document(s) that failed before were not retried "
+                         "(terminal fault, or max_attempts reached): taskheads run --retry-failed tries them again")
     if any(h["failed"] for h in s["heads"].values()):
         lines.append("")
-        lines.append("failed documents: taskheads sql DB \"SELECT head, doc_id, error FROM failed_docs "
+        lines.append("failed documents: taskheads sql DB \"SELECT head, doc_id, kind, attempts, error FROM failed_docs "
                      f"WHERE run_id = '{s['run_id']}'\"")
     for e in s["file_errors"]:
         lines.append(f"error: {e}")
@@ -119,13 +124,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             flow = process_corpus.with_options(task_runner=runner) if runner else process_corpus
             show = sys.stderr.isatty() and not args.verbose and not args.no_progress
             with ProgressBars() if show else nullcontext():
-                summary = flow(config_path=args.config, corpus=cfg.corpus, database=cfg.database, full=args.full)
+                summary = flow(config_path=args.config, corpus=cfg.corpus, database=cfg.database, full=args.full,
+                               retry_failed=args.retry_failed)
         except Exception as exc:
             print(f"taskheads: run failed: {type(exc).__name__}: "
                   f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", file=sys.stderr)
             return 1
     print(format_summary(summary))
-    return 1 if summary["file_errors"] else 0
+    return 1 if summary["file_errors"] or summary["status"] != "completed" else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -255,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(run)
     run.add_argument("--full", action="store_true", help="infer every document, even those unchanged since the "
                      "last run")
+    run.add_argument("--retry-failed", action="store_true", help="try again every document that failed before, "
+                     "terminal faults and those out of attempts included")
     run.add_argument("--runner", choices=("thread", "dask"), default="thread",
                      help="where units run: threads in this process (default) or Dask workers")
     run.add_argument("--address", help="with --runner dask: scheduler address of an existing Dask cluster "

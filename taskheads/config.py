@@ -33,6 +33,8 @@ TOP_KEYS = {
     "unit_docs": "documents per work unit (one Prefect task per unit and head)",
     "lang_column": "corpus column holding each document's language (ISO 639-1), for heads' source_lang",
     "max_resident_models": "models kept loaded per worker process (least recently used is unloaded); 0 = no limit",
+    "max_attempts": "times a document with a transient fault (out of memory, timeout) is tried before it counts as "
+                    "terminal (default 3)",
     "heads": "table of heads",
 }
 HEAD_KEYS = {
@@ -92,6 +94,7 @@ class PipelineConfig:
     lang_column: str | None = None
     max_resident_models: int = 0
     staging: str | None = None
+    max_attempts: int = 3
 
     def head(self, name: str) -> HeadConfig:
         return next(h for h in self.heads if h.name == name)
@@ -271,11 +274,16 @@ def parse_config(raw: Mapping[str, Any], base: Path, source: str | None = None) 
     _check_type("max_resident_models", max_models, (int,), "an integer")
     if max_models < 0:
         raise ConfigError("max_resident_models: must be 0 (no limit) or more")
+    max_attempts = raw.get("max_attempts", 3)
+    _check_type("max_attempts", max_attempts, (int,), "an integer")
+    if max_attempts < 1:
+        raise ConfigError("max_attempts: must be at least 1")
     heads = tuple(parse_head(name, h, base) for name, h in heads_raw.items())
     cfg = PipelineConfig(corpus=_resolve_path(raw["corpus"], base), database=_resolve_path(raw["database"], base),
                          heads=heads, id_column=raw.get("id_column", "id"),
                          text_column=raw.get("text_column", "text"), unit_docs=unit_docs, source=source,
                          lang_column=raw.get("lang_column"), max_resident_models=max_models,
+                         max_attempts=max_attempts,
                          staging=_resolve_path(raw["staging"], base) if raw.get("staging") else None)
     _check_dependencies(cfg)
     return cfg

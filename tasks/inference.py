@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import os
 import socket
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ class UnitOutcome:
     done: int
     failed: int  # failures of any stage: plan (duplicate id), read, encode, forward, decode
     worker: str = ""  # host:pid that ran the unit
+    model_failed: int = 0  # documents of `inferred` that failed (encode, forward, decode)
+    reasons: tuple[tuple[str, int], ...] = ()  # the most common model-stage failure reasons, with counts
 
 
 def shard_id_for(run_id: str, head: str, unit: WorkUnit) -> str:
@@ -53,9 +56,10 @@ def _infer(head, unit: WorkUnit, head_cfg, id_column: str, text_column: str, run
     source_file = unit.source or unit.path
 
     failed = [{**lineage, "doc_id": doc_id, "error": reason, "stage": "plan", "source_file": source_file,
-               "source_row": row} for row, doc_id, reason in unit.refused]
-    failed += [{**lineage, "doc_id": bad["doc_id"], "error": bad["error"], "stage": "read",
-                "source_file": source_file, "source_row": unit.source_row(bad["row"])} for bad in invalid]
+               "source_row": row, "kind": "terminal"} for row, doc_id, reason in unit.refused]
+    failed += [{**lineage, "doc_id": bad["doc_id"], "error": bad["error"], "stage": "read", "kind": "terminal",
+                "fingerprint": fingerprint[bad["row"]], "source_file": source_file,
+                "source_row": unit.source_row(bad["row"])} for bad in invalid]
     covered = [{"doc_id": bad["doc_id"], "fingerprint": fingerprint[bad["row"]], "status": "failed"}
                for bad in invalid if bad["doc_id"] is not None]
     rows = []
@@ -63,7 +67,8 @@ def _infer(head, unit: WorkUnit, head_cfg, id_column: str, text_column: str, run
     for (row, doc), res in zip(docs, results):
         if res.error is not None:
             failed.append({**lineage, "doc_id": doc.doc_id, "error": res.error, "stage": res.stage,
-                           "source_file": source_file, "source_row": unit.source_row(row)})
+                           "kind": res.kind, "fingerprint": fingerprint[row], "source_file": source_file,
+                           "source_row": unit.source_row(row)})
         else:
             rows.extend({**r, **lineage, "doc_id": doc.doc_id} for r in res.rows)
         covered.append({"doc_id": doc.doc_id, "fingerprint": fingerprint[row],
@@ -72,7 +77,8 @@ def _infer(head, unit: WorkUnit, head_cfg, id_column: str, text_column: str, run
     manifest = stage_shard(Path(staging), shard_id_for(run_id, head_cfg.name, unit), head_cfg.name, head.table,
                            model_id, rows, failed, covered, run_id)
     checkpoint("staged")
-    model_failures = sum(1 for r in results if r.error is not None)
+    reasons = Counter(r.error for r in results if r.error is not None)
     return UnitOutcome(manifest=manifest, head=head_cfg.name, inferred=len(docs),
-                       done=len(docs) - model_failures, failed=len(failed),
-                       worker=f"{socket.gethostname()}:{os.getpid()}")
+                       done=len(docs) - sum(reasons.values()), failed=len(failed),
+                       worker=f"{socket.gethostname()}:{os.getpid()}", model_failed=sum(reasons.values()),
+                       reasons=tuple(reasons.most_common(3)))

@@ -160,8 +160,8 @@ def test_sliding_window_perplexity_matches_hf_recipe(models, monkeypatch, arch, 
 def test_short_and_empty_documents_fail_with_a_reason(models):
     head = load(models["llama"])
     results = pipe(head, [Doc("e", " \n "), Doc("c", "\x00\x01"), Doc("ok", "Fine.")])
-    assert (results[0].error, results[0].stage) == ("ValueError: empty text", "encode")
-    assert results[1].error == ("ValueError: perplexity needs at least 2 tokens (the first token has no "
+    assert (results[0].error, results[0].stage) == ("DocumentError: empty text", "encode")
+    assert results[1].error == ("DocumentError: perplexity needs at least 2 tokens (the first token has no "
                                 "prediction); the document has 1") and results[1].stage == "encode"
     assert results[2].error is None and results[2].rows[0]["n_tokens"] == 2  # "fine" and "."
 
@@ -268,7 +268,7 @@ def test_too_long_prompt_fails_with_a_clear_error(models):
     assert n + MAX_NEW > 128
     results = pipe(head, [Doc("ok", "Short text."), Doc("long", long_text)])
     assert results[0].error is None and results[0].rows[0]["n_new_tokens"] == MAX_NEW
-    assert results[1].error == (f"ValueError: prompt of {n} tokens + max_new_tokens {MAX_NEW} "
+    assert results[1].error == (f"DocumentError: prompt of {n} tokens + max_new_tokens {MAX_NEW} "
                                 "exceed the model window 128")
     assert results[1].stage == "encode" and results[1].rows == []
 
@@ -280,7 +280,7 @@ def test_too_long_prompt_fails_with_a_clear_error(models):
     assert r.error is None and r.rows[0]["n_new_tokens"] == 128 - n and r.rows[0]["finish_reason"] == "length"
     over = load(models["gpt2"], mode="generate", prompt=PROMPT, max_new_tokens=129 - n)
     [r] = pipe(over, [Doc("edge", text)])
-    assert r.error == f"ValueError: prompt of {n} tokens + max_new_tokens {129 - n} exceed the model window 128"
+    assert r.error == f"DocumentError: prompt of {n} tokens + max_new_tokens {129 - n} exceed the model window 128"
 
 
 @pytest.mark.parametrize("params, match", [

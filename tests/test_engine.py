@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from heads.base import Doc, Feature, Head, collate
+from heads.base import Doc, DocumentError, Feature, Head, collate
 from heads.engine import pipe, plan_batches
 
 
@@ -38,7 +38,7 @@ class EchoHead(Head):
 
     def encode(self, doc):
         if "BAD" in doc.text:
-            raise ValueError("cannot encode")
+            raise DocumentError("cannot encode")
         words = doc.text.split()
         # two "windows" per long document to exercise regrouping
         chunks = [words[:5], words[5:]] if len(words) > 5 else [words]
@@ -47,7 +47,7 @@ class EchoHead(Head):
     def forward(self, feats):
         self.batches.append(len(feats))
         if any(f.meta["boom"] for f in feats):
-            raise RuntimeError("kaboom")
+            raise DocumentError("kaboom")
         return [sum(f.input_ids) for f in feats]
 
     def decode(self, doc, feats, outs):
@@ -62,9 +62,9 @@ def test_pipe_restores_order_and_isolates_failures():
     assert [r.doc.doc_id for r in results] == [str(i) for i in range(len(texts))]
     for r, t in zip(results, texts):
         if "BOOM" in t:
-            assert r.error.startswith("RuntimeError: kaboom") and r.stage == "forward" and r.rows == []
+            assert r.error.startswith("DocumentError: kaboom") and r.stage == "forward" and r.rows == []
         elif "BAD" in t:
-            assert r.error == "ValueError: cannot encode" and r.stage == "encode"
+            assert r.error == "DocumentError: cannot encode" and r.stage == "encode"
         else:
             assert r.error is None
             assert r.rows[0]["total"] == sum(len(w) for w in t.split())
@@ -139,3 +139,44 @@ def test_plan_batches_and_pipe_agree_on_batching():
         len(t.split()) - 5 for t in texts if len(t.split()) > 5]
     assert head.batches == [len(b) for b in plan_batches(lengths, 12)]
     assert stats["real_tokens"] == sum(lengths) and stats["padded_tokens"] >= stats["real_tokens"]
+
+
+class BuggyHead(EchoHead):
+    """A head with a bug: forward raises something that is not a document's fault."""
+
+    def forward(self, feats):
+        raise KeyError("not a document fault")
+
+
+def test_a_bug_in_forward_fails_the_call_instead_of_every_document():
+    with pytest.raises(KeyError, match="not a document fault"):
+        pipe(BuggyHead(), [Doc(str(i), f"text {i}") for i in range(4)])
+
+
+class BuggyDecodeHead(EchoHead):
+    def decode(self, doc, feats, outs):
+        raise IndexError("decode bug")
+
+
+def test_a_bug_in_decode_fails_the_call():
+    with pytest.raises(IndexError, match="decode bug"):
+        pipe(BuggyDecodeHead(), [Doc("0", "some text")])
+
+
+def test_fault_kinds_terminal_and_transient():
+    from heads.base import DocumentError, TransientDocumentError
+
+    class Kinds(EchoHead):
+        def encode(self, doc):
+            if doc.text == "bad":
+                raise DocumentError("rejected text")
+            if doc.text == "flaky":
+                raise TransientDocumentError("timed out")
+            return super().encode(doc)
+
+    results = pipe(Kinds(), [Doc("a", "fine"), Doc("b", "bad"), Doc("c", "flaky")])
+    assert [(r.error is None, r.kind) for r in results] == [(True, None), (False, "terminal"), (False, "transient")]
+    oom = pipe(MemoryHungryHead(limit=3), [Doc("x", " ".join(["w"] * 5))], token_budget=64)
+    assert oom[0].kind == "transient" and oom[0].error.startswith("out of memory")
+    panic = pipe(PanicHead(), [Doc("p", "panic")])
+    assert panic[0].kind == "terminal"

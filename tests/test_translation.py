@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from heads.base import Doc, Feature, trim_generated
+from heads.base import Doc, DocumentError, Feature, trim_generated
 from heads.engine import pipe
 from heads.loading import load_head
 from heads.translation import Segment, TranslationHead, join_translations, split_segments, split_sentences
@@ -279,7 +279,7 @@ def test_no_text_lost_with_real_tokenizer_and_unicode(bart32):
 
 def test_split_segments_errors():
     n_tokens, offsets = words_tokenizer(overhead=3)
-    with pytest.raises(ValueError, match="empty text"):
+    with pytest.raises(DocumentError, match="empty text"):  # the document's fault: failed_docs, terminal
         split_segments(" \n\t ", 10, n_tokens, offsets)
     with pytest.raises(ValueError, match="no room"):
         split_segments("one two three four", 3, n_tokens, offsets)
@@ -294,7 +294,7 @@ def test_split_segments_properties(parts, limit, overhead):
     text = "".join(parts)
     n_tokens, offsets = words_tokenizer(overhead)
     if not text.strip():
-        with pytest.raises(ValueError):
+        with pytest.raises(DocumentError):
             split_segments(text, limit, n_tokens, offsets)
         return
     segs = split_segments(text, limit, n_tokens, offsets)
@@ -329,5 +329,5 @@ def test_empty_text_fails_at_encode(bart32):
     head = load(bart32, max_new_tokens=4)
     results = pipe(head, [Doc("a", ""), Doc("b", "  \n\t "), Doc("c", "Fine text.")])
     for r in results[:2]:
-        assert r.error == "ValueError: empty text" and r.stage == "encode" and r.rows == []
+        assert r.error == "DocumentError: empty text" and r.stage == "encode" and r.rows == []
     assert results[2].error is None and results[2].rows[0]["n_segments"] == 1
