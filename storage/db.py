@@ -21,8 +21,7 @@ from . import migrations
 from .migrations import MigrationError, SchemaTooNew  # noqa: F401  (raised from here)
 from taskheads.faults import checkpoint
 
-from .staging import (BadPackage, PackageQuarantined, clear_staging, quarantine, read_manifest,  # noqa: F401
-                      remove_shard, staged_manifests)
+from .staging import BadPackage, clear_staging, quarantine, read_manifest, remove_shard, staged_manifests
 
 _log = logging.getLogger("taskheads.storage")
 

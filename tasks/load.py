@@ -5,6 +5,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from storage import db
+from storage.staging import PackageQuarantined
 
 
 def _transient(task, task_run, state) -> bool:
@@ -25,7 +26,7 @@ def load_shard(database: str, manifest: str) -> tuple[int, int]:
     (not retried), so the flow reports the unit and goes on."""
     rows, failed, quarantined = db.load_or_quarantine(database, manifest, log=get_run_logger().error)
     if quarantined:
-        raise db.PackageQuarantined(quarantined)
+        raise PackageQuarantined(quarantined)
     return rows, failed
 
 

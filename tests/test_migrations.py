@@ -7,7 +7,6 @@ one (commit 16ead0c, before versioning; see fixtures/README.md): its `failed_doc
 from __future__ import annotations
 
 import gzip
-import shutil
 import uuid
 from pathlib import Path
 
@@ -250,3 +249,23 @@ def test_package_staged_by_the_oldest_code_loads_after_the_upgrade(tmp_path):
     assert con.execute("SELECT quarantined FROM runs WHERE run_id = 'now'").fetchone() == (None,)
     con.close()
     assert not folder.exists()
+
+
+def test_file_from_a_newer_duckdb_is_refused_with_one_line(tmp_path, monkeypatch, capsys):
+    """duckdb 1.5.5 opening a file written by 2.0.1 in its default format says this (captured verbatim);
+    the same one line and exit status as a newer schema, not a traceback."""
+    from taskheads.cli import main
+
+    database = tmp_path / "from-2.x.duckdb"
+    database.write_bytes(b"not opened")
+    message = ("IO Error: Trying to read a database file with version number 999, but we can only read versions "
+               "between 64 and 68.\nThe database file was created with an newer version of DuckDB.\n\nNewer DuckDB "
+               "version might introduce backward incompatible changes (possibly guarded by compatibility settings).")
+
+    def newer_file(*args, **kwargs):
+        raise duckdb.IOException(message)
+
+    monkeypatch.setattr(db.duckdb, "connect", newer_file)
+    assert main(["sql", str(database), "SELECT 1"]) == 2
+    assert capsys.readouterr().err == (f"taskheads: {database}: written by a newer DuckDB than this one "
+                                       f"({duckdb.__version__}) can read; upgrade taskheads to use it\n")

@@ -123,11 +123,12 @@ def test_read_manifest_refuses_a_part_that_links_outside(tmp_path):
 
 
 def test_load_of_a_fresh_package_that_cannot_load_is_quarantined_in_the_flow(tmp_path, tiny_models,
-                                                                              prefect_harness, monkeypatch):
+                                                                              prefect_harness, monkeypatch, capsys):
     """The live path: a unit's package that cannot load is quarantined and reported as that unit's error;
     the other units load, and the next run redoes the unit instead of failing on it."""
     import tasks.inference
     from flows.process_corpus import process_corpus
+    from taskheads.cli import main
 
     real_stage = tasks.inference.stage_shard
 
@@ -169,11 +170,22 @@ model = "{tiny_models['ner']}"
     quarantined = sorted(p.name for p in (root / "quarantine").iterdir())
     assert len(quarantined) == 2 and all("-people-" in q for q in quarantined)
 
+    # the next run (the CLI) redoes the unit; a dead run's bad package is quarantined on the way, and said
     monkeypatch.setattr(tasks.inference, "stage_shard", real_stage)
-    second = process_corpus(config_path=str(cfg))
-    assert second["status"] == "completed" and second["file_errors"] == []
-    assert second["heads"]["people"]["inferred"] == 6 and second["heads"]["topic"]["inferred"] == 0
-    assert sorted(p.name for p in (root / "quarantine").iterdir()) == quarantined
+    (root / DEAD).mkdir()
+    (root / DEAD / "broken.json").write_text("{")
+    assert main(["run", str(cfg), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "quarantined (cannot be loaded, moved to the staging folder's quarantine/): broken: manifest is not " \
+           "valid JSON" in out
+    assert "error:" not in out
+    ((second, people),) = fetch(database, "SELECT run_id, json_extract(head_stats, '$.people.inferred')::INT FROM runs "
+                                       "WHERE run_id <> ?", [first["run_id"]])
+    assert people == 6 and fetch(database, "SELECT count(*) FROM entities")[0][0] > 0
+    (entries,) = fetch(database, "SELECT quarantined FROM runs WHERE run_id = ?", [second])[0]
+    assert entries == ["broken: manifest is not valid JSON (Expecting property name enclosed in double quotes: "
+                       "line 1 column 2 (char 1))"]
+    assert sorted(p.name for p in (root / "quarantine").iterdir()) == sorted(quarantined + ["broken"])
 
 
 def test_shared_staging_is_keyed_by_the_database_not_its_path(tmp_path):
