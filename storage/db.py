@@ -8,19 +8,26 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import duckdb
 
-from .schema import DDL
-from .views import create_views
+from . import migrations
+from .migrations import MigrationError, SchemaTooNew  # noqa: F401  (raised from here)
 from taskheads.faults import checkpoint
 
-from .staging import clear_staging, read_manifest, remove_shard, staged_manifests
+from .staging import BadPackage, clear_staging, quarantine, read_manifest, remove_shard, staged_manifests
+
+_log = logging.getLogger("taskheads.storage")
+
+# New database files are written in DuckDB's v1 storage format, which DuckDB 1.x and 2.x both read
+# and write (2.x's own format cannot be opened by 1.x); an existing file keeps its format.
+STORAGE_COMPATIBILITY = "v1.0.0"
 
 
 class DatabaseBusy(Exception):
@@ -33,30 +40,71 @@ def _now() -> datetime:
 
 def connect(path: str, read_only: bool = False, wait_seconds: float = 30.0) -> duckdb.DuckDBPyConnection:
     """Open the database, waiting with backoff while another process holds its lock."""
+    """Open the database, waiting with backoff while another process holds its lock.
+
+    A database newer than this code (schema version or DuckDB storage format) raises SchemaTooNew.
+    """
+    config = {}
     if not read_only:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if not Path(path).exists():
+            config = {"storage_compatibility_version": STORAGE_COMPATIBILITY}
     deadline = time.monotonic() + wait_seconds
     delay = 0.05
     while True:
         try:
-            return duckdb.connect(path, read_only=read_only)
+            con = duckdb.connect(path, read_only=read_only, config=config)
+            break
         except duckdb.IOException as exc:
+            if "created with an newer version" in str(exc) or "created with a newer version" in str(exc):
+                raise SchemaTooNew(f"{path}: written by a newer DuckDB than this one ({duckdb.__version__}) "
+                                   "can read; upgrade taskheads to use it") from None
             if "lock" not in str(exc).lower() or time.monotonic() >= deadline:
                 if "lock" in str(exc).lower():
                     raise DatabaseBusy(f"{path}: locked by another process for over {wait_seconds:.0f} s") from exc
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
+    try:
+        migrations.refuse_newer(con, path)
+    except BaseException:
+        con.close()
+        raise
+    return con
 
 
 def ensure_schema(database: str) -> None:
+    """Create the schema, or migrate an older database to this code's version in one transaction."""
     con = connect(database)
     try:
-        for ddl in DDL:
-            con.execute(ddl)
-        create_views(con)
+        migrations.migrate(con, database)
     finally:
         con.close()
+
+
+def check_database(database: str) -> None:
+    """Raise SchemaTooNew for a database this code must not touch; nothing for a missing one, or one
+    busy right now (the run checks again when it opens it)."""
+    if not Path(database).exists():
+        return
+    try:
+        connect(database, read_only=True, wait_seconds=0).close()
+    except DatabaseBusy:
+        pass
+
+
+def database_id(database: str) -> str:
+    """The UUID the database got when it was created (or migrated to a versioned schema)."""
+    if not Path(database).exists():
+        raise FileNotFoundError(f"{database}: no such database (its id names its staging folder)")
+    con = connect(database)
+    try:
+        found = migrations.database_id(con)
+    finally:
+        con.close()
+    if not found:
+        raise MigrationError(f"{database}: has no database id yet (open it for writing once to migrate it)")
+    return found
 
 
 def start_run(database: str, run_id: str, config_path: str | None, corpus: str) -> None:
@@ -99,15 +147,16 @@ def run_lock(database: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def recover(database: str, run_id: str, staging: str | None = None) -> int:
+def recover(database: str, run_id: str, staging: str | None = None, log: Callable[[str], Any] | None = None) -> int:
     """Finish what a killed run left: load its complete packages, drop partial files, mark it.
 
-    Called under `run_lock`, so every other staging folder belongs to a dead run.
+    Called under `run_lock`, so every other staging folder belongs to a dead run. A package that can
+    never load is quarantined (recorded in this run's row), so it never blocks this or a later run.
     """
     loaded = 0
     for manifest in staged_manifests(database, staging):
         if Path(manifest).parent.name != run_id:
-            loaded += load_shard(database, manifest)[0]
+            loaded += load_or_quarantine(database, manifest, run_id, log)[0]
     clear_staging(database, keep_run=run_id, staging=staging)
     con = connect(database)
     try:
@@ -201,6 +250,43 @@ def load_shard(database: str, manifest_path: str) -> tuple[int, int]:
     checkpoint("loaded")
     remove_shard(manifest_path)
     return parts["results"].num_rows, parts["failed"].num_rows
+
+
+# what DuckDB says when a package's rows do not fit the tables: the package is at fault, not the moment
+_UNLOADABLE = (duckdb.BinderException, duckdb.ConversionException, duckdb.CatalogException,
+               duckdb.TypeMismatchException)
+
+
+def load_or_quarantine(database: str, manifest_path: str, run_id: str | None = None,
+                       log: Callable[[str], Any] | None = None) -> tuple[int, int, str | None]:
+    """`load_shard`, except that a package that can never load is quarantined: moved to
+    `<staging root>/quarantine/<shard>/` with its reason, recorded in `runs.quarantined` of `run_id`
+    (default: the run whose folder holds the package) and logged. Returns (result rows, failed rows,
+    the quarantine entry or None). Transient errors (busy database, I/O) are raised, not quarantined."""
+    try:
+        return (*load_shard(database, manifest_path), None)
+    except BadPackage as exc:
+        reason = str(exc)
+    except _UNLOADABLE as exc:
+        reason = f"does not load: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+    entry = f"{Path(manifest_path).name.removesuffix('.json')}: {reason}"
+    run = run_id or Path(manifest_path).parent.name
+    con = connect(database)  # first the record (idempotent), then the move: a retry repeats neither
+    try:
+        con.execute("UPDATE runs SET quarantined = CASE WHEN list_contains(coalesce(quarantined, []), $1) "
+                    "THEN quarantined ELSE list_append(coalesce(quarantined, []), $1) END WHERE run_id = $2",
+                    [entry, run])
+    finally:
+        con.close()
+    dest = quarantine(manifest_path, reason)
+    (log or _log.error)(f"load package quarantined, never to be loaded: {entry} (moved to {dest})")
+    return 0, 0, entry
+
+
+def quarantined(database: str, run_id: str) -> list[str]:
+    """The load packages a run quarantined: "<shard>: <reason>"."""
+    row = query(database, "SELECT quarantined FROM runs WHERE run_id = ?", [run_id])[1]
+    return list(row[0][0] or []) if row else []
 
 
 def query(database: str, sql: str, params: Sequence[Any] | None = None, wait_seconds: float = 30.0):

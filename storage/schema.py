@@ -1,7 +1,13 @@
 """All DuckDB DDL in one place. Result tables share `head, doc_id, run_id, model_id`."""
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
+
+# A head's name is an SQL struct in routing predicates and part of staged package names.
+HEAD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
 
 def quote(name: str) -> str:
     """An SQL identifier (column or head name) quoted for DuckDB; never used for values."""
@@ -109,12 +115,17 @@ def _table_ddl(table: str) -> str:
     return f"CREATE TABLE IF NOT EXISTS {table} (\n  {cols}\n)"
 
 
+# key/value facts about the database itself: schema_version, database_id (UUID), created_at, ...
+META_TABLE = "taskheads_meta"
+
+# A new database gets exactly this; an older one gets the steps of migrations.STEPS. Change both together.
 DDL = [
+    f"CREATE TABLE IF NOT EXISTS {META_TABLE} (key VARCHAR PRIMARY KEY, value VARCHAR)",
     """CREATE TABLE IF NOT EXISTS runs (
   run_id VARCHAR PRIMARY KEY,
   started_at TIMESTAMPTZ,
   finished_at TIMESTAMPTZ,
-  status VARCHAR,            -- running | completed | completed_with_errors | failed
+  status VARCHAR,            -- running | completed | completed_with_errors | failed | interrupted
   config_path VARCHAR,
   corpus VARCHAR,
   docs_read BIGINT,         -- corpus rows scanned
@@ -123,7 +134,8 @@ DDL = [
   docs_failed BIGINT,       -- (head, document) pairs that went to failed_docs
   head_stats VARCHAR,       -- JSON: the same counts per head
   file_errors VARCHAR[],
-  error VARCHAR
+  error VARCHAR,
+  quarantined VARCHAR[]     -- load packages that could not be loaded: "<shard>: <reason>" (moved to quarantine/)
 )""",
     """CREATE TABLE IF NOT EXISTS models (
   model_id VARCHAR PRIMARY KEY,

@@ -3,19 +3,35 @@
 Files are written under a temporary name and renamed into place (atomic on one filesystem); the
 manifest is written last, so a manifest on disk always names complete files. The loader only
 ever reads manifests, which makes staging safe to interrupt at any point.
+
+A manifest is input like any other (a shared folder, a package from another release): it is
+validated before anything is loaded, and a package that can never load is moved to
+`<staging root>/quarantine/<shard>/` with its reason, where no run looks again.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import re
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .schema import COVERED_SCHEMA, arrow_schema
+from .schema import COVERED_SCHEMA, HEAD_NAME, RESULT_FIELDS, arrow_schema
+
+QUARANTINE = "quarantine"
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")  # shard and run ids: one path component
+
+
+class BadPackage(ValueError):
+    """A load package that can never load (bad manifest, missing or foreign part): quarantine it."""
+
+
+class PackageQuarantined(Exception):
+    """Raised by the loader after moving a package to quarantine; the message says why."""
 
 
 def _atomic_write_parquet(table: pa.Table, path: Path) -> None:
@@ -27,11 +43,13 @@ def _atomic_write_parquet(table: pa.Table, path: Path) -> None:
 def staging_root(database: str, staging: str | None = None) -> Path:
     """Where a database's load packages are staged: beside it (`<database>.staging/`), or under a
     configured folder that every worker can reach (a shared filesystem when workers are machines),
-    in a subfolder of its own per database so that recovery never loads another database's packages."""
+    in a subfolder of its own per database: `<name>-<database id>`. The id (a UUID the database got
+    when created) and not its path, because two hosts may have a database at the same path."""
     if not staging:
         return Path(database).with_name(Path(database).name + ".staging")
-    key = hashlib.sha1(str(Path(database).resolve()).encode()).hexdigest()[:10]
-    return Path(staging) / f"{Path(database).name}-{key}"
+    from .db import database_id  # db imports this module
+
+    return Path(staging) / f"{Path(database).name}-{database_id(database)}"
 
 
 def staging_dir(database: str, run_id: str, staging: str | None = None) -> Path:
@@ -66,33 +84,139 @@ def stage_shard(directory: Path, shard_id: str, head: str, table: str, model_id:
     return str(path)
 
 
+_MANIFEST_KEYS = ("shard_id", "run_id", "head", "table", "model_id", *PARTS)
+
+
+def _plain(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _part_path(base: Path, part: str, name: str) -> Path:
+    """A part is a plain file name inside the package folder: never a path, never a link out of it."""
+    if not _plain(name):
+        raise BadPackage(f"part {part!r} is not a plain file name: {name!r}")
+    path = base / name
+    if not path.exists() and not path.is_symlink():
+        raise BadPackage(f"part file missing: {name}")
+    if path.resolve().parent != base.resolve():
+        raise BadPackage(f"part {part!r} ({name}) links outside the package folder")
+    return path
+
+
+def _conform(data: pa.Table, schema: pa.Schema, part: str, target: str, required: Sequence[str]) -> pa.Table:
+    """The part as the loader expects it: its columns must exist in `target`; columns it lacks (a package
+    staged by an older release) are NULL, unless the loader cannot do without them."""
+    extra = [c for c in data.column_names if c not in schema.names]
+    if extra:
+        raise BadPackage(f"{part} part has columns {target} does not have: {', '.join(extra)}")
+    missing = [c for c in required if c not in data.column_names]
+    if missing:
+        raise BadPackage(f"{part} part lacks columns: {', '.join(missing)}")
+    columns = []
+    for f in schema:
+        if f.name not in data.column_names:
+            columns.append(pa.nulls(data.num_rows, f.type))
+            continue
+        try:
+            columns.append(data.column(f.name).cast(f.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+            raise BadPackage(f"{part} part column {f.name} is not {f.type}: {exc}") from None
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
 def read_manifest(path: str) -> tuple[dict, dict[str, pa.Table]]:
-    manifest = json.loads(Path(path).read_text(encoding="utf-8"))
-    base = Path(path).parent
-    return manifest, {part: pq.read_table(base / manifest[part]) for part in PARTS}
+    """The manifest and its parts, validated: a known result table, a valid head name, ids that are one
+    path component, parts that are plain files inside the manifest's folder with known columns.
+    Raises BadPackage for a package that can never load; OSError (worth retrying) when unreadable."""
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as exc:
+        raise BadPackage(f"manifest is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise BadPackage("manifest is not a JSON object")
+    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise BadPackage(f"manifest lacks {', '.join(missing)}")
+    for key in _MANIFEST_KEYS:
+        if not isinstance(manifest[key], str):
+            raise BadPackage(f"manifest {key} is not a string: {manifest[key]!r}")
+    table = manifest["table"]
+    if table not in RESULT_FIELDS:
+        raise BadPackage(f"unknown table {table!r} (result tables: {', '.join(RESULT_FIELDS)})")
+    if not HEAD_NAME.match(manifest["head"]):
+        raise BadPackage(f"invalid head name {manifest['head']!r}")
+    for key, what in (("shard_id", "shard id"), ("run_id", "run id")):
+        if not _ID.match(manifest[key]):
+            raise BadPackage(f"invalid {what} {manifest[key]!r}")
+    if path.name != f"{manifest['shard_id']}.json":
+        raise BadPackage(f"shard id {manifest['shard_id']!r} does not match its file name {path.name}")
+    expected = {"results": (arrow_schema(table), table, ["head", "doc_id"]),
+                "failed": (arrow_schema("failed_docs"), "failed_docs", ["head", "doc_id"]),
+                "covered": (COVERED_SCHEMA, "the covered list", COVERED_SCHEMA.names)}
+    parts = {}
+    for part in PARTS:
+        file = _part_path(path.parent, part, manifest[part])
+        try:
+            data = pq.read_table(file)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+            raise BadPackage(f"part {manifest[part]} is not readable Parquet ({exc})") from None
+        schema, target, required = expected[part]
+        parts[part] = _conform(data, schema, part, target, required)
+    return manifest, parts
+
+
+def _package_files(path: Path) -> list[str]:
+    """The names of a package's files in its folder: the manifest, the parts it names (plain names only,
+    as its contents are not trusted) and the names staging gives parts."""
+    stem = path.name.removesuffix(".json")
+    names = [path.name] + [f"{stem}.{part}.parquet" for part in PARTS]
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+        names += [manifest[p] for p in PARTS if isinstance(manifest.get(p), str) and _plain(manifest[p])]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return list(dict.fromkeys(names))
 
 
 def remove_shard(path: str) -> None:
     """Delete a loaded package: the manifest first, so a crash never leaves a manifest without files."""
-    manifest = json.loads(Path(path).read_text(encoding="utf-8"))
     base = Path(path).parent
-    Path(path).unlink(missing_ok=True)
-    for part in PARTS:
-        (base / manifest[part]).unlink(missing_ok=True)
+    for name in _package_files(Path(path)):  # the manifest comes first
+        (base / name).unlink(missing_ok=True)
+
+
+def quarantine(manifest_path: str, reason: str) -> Path:
+    """Move a package that cannot be loaded to `<staging root>/quarantine/<shard>/`, with `reason.txt`,
+    out of every run's way; returns that folder. Only the package's own files move."""
+    manifest = Path(manifest_path)
+    folder = manifest.parent
+    stem = manifest.name.removesuffix(".json")
+    dest, n = folder.parent / QUARANTINE / stem, 1
+    while dest.exists():  # quarantined before (a crash mid-move): keep both
+        n += 1
+        dest = folder.parent / QUARANTINE / f"{stem}-{n}"
+    dest.mkdir(parents=True)
+    (dest / "reason.txt").write_text(f"{reason}\nfrom: {manifest}\nat: {datetime.now(timezone.utc).isoformat()}\n",
+                                     encoding="utf-8")
+    for name in _package_files(manifest):  # the manifest first: what is left is never loaded
+        if (folder / name).exists() or (folder / name).is_symlink():
+            os.replace(folder / name, dest / name)
+    return dest
 
 
 def staged_manifests(database: str, staging: str | None = None) -> list[str]:
     """Complete load packages left by earlier runs (a crash between staging and loading)."""
     root = staging_root(database, staging)
-    return sorted(str(p) for p in root.glob("*/*.json")) if root.is_dir() else []
+    return sorted(str(p) for p in root.glob("*/*.json") if p.parent.name != QUARANTINE) if root.is_dir() else []
 
 
 def clear_staging(database: str, keep_run: str | None = None, staging: str | None = None) -> None:
-    """Remove staging folders (partial files of dead runs) except the current run's."""
+    """Remove staging folders (partial files of dead runs) except the current run's and the quarantine."""
     import shutil
 
     root = staging_root(database, staging)
     if root.is_dir():
         for d in root.iterdir():
-            if d.name != keep_run:
+            if d.name not in (keep_run, QUARANTINE):
                 shutil.rmtree(d, ignore_errors=True)

@@ -43,6 +43,9 @@ def format_summary(s: dict) -> str:
                      f"WHERE run_id = '{s['run_id']}'\"")
     for e in s["file_errors"]:
         lines.append(f"error: {e}")
+    for q in s.get("quarantined", []):  # those of this run's units are among the errors already
+        if not any(q[:80] in e for e in s["file_errors"]):
+            lines.append(f"quarantined (cannot be loaded, moved to the staging folder's quarantine/): {q}")
     return "\n".join(lines)
 
 
@@ -52,11 +55,17 @@ def _checked_config(args: argparse.Namespace):
     from .config import ConfigError, load_config
     from .preflight import preflight
 
+    from storage.db import SchemaTooNew, check_database
+
     try:
         cfg = load_config(args.config).with_overrides(corpus=args.corpus, database=args.db)
         preflight(cfg)
+        check_database(cfg.database)
     except ConfigError as exc:
         print(f"taskheads: config error: {exc}", file=sys.stderr)
+        return None
+    except SchemaTooNew as exc:
+        print(f"taskheads: {exc}", file=sys.stderr)
         return None
     quiet_prefect_console(args.verbose)
     return cfg
@@ -130,6 +139,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"taskheads: run failed: {type(exc).__name__}: "
                   f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", file=sys.stderr)
             return 1
+    from storage.db import quarantined
+
+    try:
+        summary["quarantined"] = quarantined(cfg.database, summary["run_id"])
+    except Exception as exc:  # the run is recorded; this is only the summary
+        summary["quarantined"] = [f"(not read: {type(exc).__name__}: {exc})"]
     print(format_summary(summary))
     return 1 if summary["file_errors"] or summary["status"] != "completed" else 0
 
@@ -229,13 +244,16 @@ def format_table(columns: list[str], rows: list[tuple], max_width: int = 60) -> 
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from storage.db import DatabaseBusy, query
+    from storage.db import DatabaseBusy, SchemaTooNew, query
 
     if not os.path.exists(args.db):
         print(f"taskheads: database not found: {args.db}", file=sys.stderr)
         return 2
     try:
         columns, rows = query(args.db, args.query, wait_seconds=args.wait)
+    except SchemaTooNew as exc:
+        print(f"taskheads: {exc}", file=sys.stderr)
+        return 2
     except DatabaseBusy as exc:
         print(f"taskheads: {exc}; try again when the run's load finishes", file=sys.stderr)
         return 1

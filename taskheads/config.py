@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from storage.schema import quote
+from storage.schema import HEAD_NAME, quote
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -181,6 +181,8 @@ def parse_head(name: str, raw: Any, base: Path) -> HeadConfig:
     from heads.registry import HEADS, head_class
 
     key = f"heads.{name}"
+    if not HEAD_NAME.match(name):
+        raise ConfigError(f"{key}: a head name is letters, digits and _ (not starting with a digit)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{key}: expected a table like [heads.{name}] with task and model")
     task = raw.get("task")

@@ -225,14 +225,17 @@ def run_markdown(summary: dict, digest: dict) -> str:
 
 
 def main_report(database: str, out: str) -> int:
-    """CLI entry: 0 and the path on stdout; 2 for a missing database; 1 when it cannot be read."""
-    from storage.db import DatabaseBusy
+    """CLI entry: 0 and the path on stdout; 2 for a missing or too new database; 1 when it cannot be read."""
+    from storage.db import DatabaseBusy, SchemaTooNew
 
     if not os.path.exists(database):
         print(f"taskheads: database not found: {database}", file=sys.stderr)
         return 2
     try:
         path = build_report(database, out)
+    except SchemaTooNew as exc:
+        print(f"taskheads: {exc}", file=sys.stderr)
+        return 2
     except DatabaseBusy as exc:
         print(f"taskheads: {exc}; try again when the run's load finishes", file=sys.stderr)
         return 1

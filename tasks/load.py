@@ -1,10 +1,11 @@
 """Prefect tasks that write DuckDB: run bookkeeping and the single-writer shard loader."""
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from storage import db
+from storage.staging import PackageQuarantined
 
 
 def _transient(task, task_run, state) -> bool:
@@ -21,7 +22,12 @@ def _transient(task, task_run, state) -> bool:
 @task(name="load-shard", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[1, 4, 10],
       retry_condition_fn=_transient)
 def load_shard(database: str, manifest: str) -> tuple[int, int]:
-    return db.load_shard(database, manifest)
+    """Load a unit's package; one that can never load is quarantined and raises PackageQuarantined
+    (not retried), so the flow reports the unit and goes on."""
+    rows, failed, quarantined = db.load_or_quarantine(database, manifest, log=get_run_logger().error)
+    if quarantined:
+        raise PackageQuarantined(quarantined)
+    return rows, failed
 
 
 @task(name="start-run", cache_policy=NO_CACHE)
@@ -38,4 +44,4 @@ def finish_run(database: str, run_id: str, status: str, docs_read: int, head_sta
 @task(name="recover-staged", cache_policy=NO_CACHE)
 def recover_staged(database: str, run_id: str, staging: str | None = None) -> int:
     """Load what a killed run staged but did not load; returns result rows recovered."""
-    return db.recover(database, run_id, staging)
+    return db.recover(database, run_id, staging, log=get_run_logger().error)

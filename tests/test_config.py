@@ -47,6 +47,8 @@ def top(corpus) -> str:
     (lambda c, m: top(c) + head(m, "max_answer_len = 15.5", task="qa"), "heads.topic.max_answer_len: expected int"),
     (lambda c, m: top(c) + head(m, "batch_tokens = \"big\""), "heads.topic.batch_tokens: expected an integer"),
     (lambda c, m: top(c), "heads: no heads configured"),
+    (lambda c, m: top(c) + head(m).replace("[heads.topic]", "[heads.my-topic]"),
+     "heads.my-topic: a head name is letters, digits and _"),
     (lambda c, m: 'database = "x.duckdb"\n' + head(m), "corpus: missing"),
     (lambda c, m: top(str(c.parent / "nothing-*.parquet")) + head(m), "corpus: corpus"),
 ])

@@ -148,6 +148,8 @@ def test_configured_staging_keeps_databases_apart(tmp_path):
     from storage.staging import staging_root
 
     a, b = tmp_path / "x" / "results.duckdb", tmp_path / "y" / "results.duckdb"
+    db.ensure_schema(str(a))
+    db.ensure_schema(str(b))
     assert staging_root(str(a)) == tmp_path / "x" / "results.duckdb.staging"
     shared = str(tmp_path / "shared")
     ra, rb = staging_root(str(a), shared), staging_root(str(b), shared)

@@ -1,0 +1,160 @@
+"""Schema versions, so a database written by older code keeps working after an upgrade.
+
+Every database records its version in `taskheads_meta` (key/value: schema_version, database_id,
+created_at; after a migration also migrated_from, migrated_at). Opening an older database for
+writing migrates it in ONE transaction (all steps or none); a database newer than this code is
+refused with one line, by readers too (`connect`), so old code never writes a schema it does not know.
+
+Versions:
+  0  before versioning: no `taskheads_meta`, recognised by our tables. Its shape depends on the
+     release that wrote it (the oldest lacks failed_docs.source_row, the runs counters, doc_state,
+     evaluations and the later result tables; see tests/fixtures/README.md).
+  1  `taskheads_meta`, runs.quarantined, and every table and column of the schema at that time.
+
+To change the schema: change `schema.DDL` (what a new database gets) AND append one step to `STEPS`
+that brings version len(STEPS) - 1 to the new shape. SCHEMA_VERSION follows. Steps are frozen once
+released: never edit one, append another. A step is a list of SQL statements, or a function of the
+connection for what SQL alone cannot say. tests/test_migrations.py checks that migrating the oldest
+real database gives exactly the tables, columns, types, constraints and views of a new one.
+Migrated tables get added columns at the end: write with column names (INSERT ... BY NAME or a
+column list), never by position.
+"""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Callable, Union
+
+import duckdb
+
+from .schema import DDL, META_TABLE
+from .views import create_views
+
+Step = Union[list[str], Callable[[duckdb.DuckDBPyConnection], None]]
+
+# Version 1, frozen: what a pre-versioning database may lack. Tables added after the first release
+# are created (in their version-1 shape); columns added to older tables are added.
+_V1_TABLES = {
+    "doc_state": "head VARCHAR, doc_id VARCHAR, fingerprint VARCHAR, model_id VARCHAR, run_id VARCHAR, "
+                 "status VARCHAR, updated_at TIMESTAMPTZ",
+    "evaluations": "head VARCHAR, model_id VARCHAR, metric VARCHAR, value DOUBLE, n BIGINT, source VARCHAR, "
+                   "run_id VARCHAR, evaluated_at TIMESTAMPTZ",
+    "lm_scores": "head VARCHAR, doc_id VARCHAR, perplexity DOUBLE, mean_nll DOUBLE, pseudo_perplexity DOUBLE, "
+                 "mean_log_prob DOUBLE, n_tokens BIGINT, n_windows INTEGER, run_id VARCHAR, model_id VARCHAR",
+    "generations": "head VARCHAR, doc_id VARCHAR, prompt_id INTEGER, text VARCHAR, n_new_tokens INTEGER, "
+                   "finish_reason VARCHAR, run_id VARCHAR, model_id VARCHAR",
+    "fill_mask": "head VARCHAR, doc_id VARCHAR, mask_index INTEGER, token VARCHAR, token_id BIGINT, score DOUBLE, "
+                 "rank INTEGER, run_id VARCHAR, model_id VARCHAR",
+    "languages": "head VARCHAR, doc_id VARCHAR, language VARCHAR, confidence DOUBLE, n_chars BIGINT, "
+                 "run_id VARCHAR, model_id VARCHAR",
+    "choices": "head VARCHAR, doc_id VARCHAR, choice VARCHAR, score DOUBLE, logit DOUBLE, rank INTEGER, "
+               "truncated BOOLEAN, run_id VARCHAR, model_id VARCHAR",
+}
+_V1_COLUMNS = [("runs", "docs_inferred", "BIGINT"), ("runs", "docs_skipped", "BIGINT"),
+               ("runs", "head_stats", "VARCHAR"), ("runs", "quarantined", "VARCHAR[]"),
+               ("failed_docs", "source_row", "BIGINT")]
+
+STEPS: list[Step] = [
+    # 0 -> 1: a database from before versioning
+    [f"CREATE TABLE IF NOT EXISTS {META_TABLE} (key VARCHAR PRIMARY KEY, value VARCHAR)",
+     *(f"CREATE TABLE IF NOT EXISTS {t} ({cols})" for t, cols in _V1_TABLES.items()),
+     *(f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {c} {ty}" for t, c, ty in _V1_COLUMNS)],
+]
+SCHEMA_VERSION = len(STEPS)
+
+# tables every release wrote: one of them in a database without `taskheads_meta` means version 0
+_PRE_VERSIONING_TABLES = ("runs", "loaded_shards", "failed_docs")
+
+
+class SchemaTooNew(Exception):
+    """The database was written by a newer taskheads (or DuckDB) than this one; never touch it."""
+
+
+class MigrationError(Exception):
+    """A migration step failed; the transaction was rolled back, the database is as it was."""
+
+
+def too_new(path: str, version: int) -> SchemaTooNew:
+    return SchemaTooNew(f"{path}: schema version {version} is newer than this taskheads supports "
+                        f"({SCHEMA_VERSION}); upgrade taskheads to use it")
+
+
+def stored_version(con: duckdb.DuckDBPyConnection, path: str) -> int | None:
+    """The database's schema version: None for a database without our tables (new), 0 before versioning."""
+    tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = "
+                                        "current_database() AND schema_name = 'main'").fetchall()}
+    if META_TABLE in tables:
+        row = con.execute(f"SELECT value FROM {META_TABLE} WHERE key = 'schema_version'").fetchone()
+        if row is None or not str(row[0]).isdigit():
+            raise MigrationError(f"{path}: {META_TABLE} has no valid schema_version ({row and row[0]!r})")
+        return int(row[0])
+    return 0 if tables & set(_PRE_VERSIONING_TABLES) else None
+
+
+def refuse_newer(con: duckdb.DuckDBPyConnection, path: str) -> None:
+    """Raise SchemaTooNew for a database newer than this code (cheap: one lookup)."""
+    try:
+        row = con.execute(f"SELECT value FROM {META_TABLE} WHERE key = 'schema_version'").fetchone()
+    except duckdb.CatalogException:
+        return  # new or pre-versioning
+    if row is not None and str(row[0]).isdigit() and int(row[0]) > SCHEMA_VERSION:
+        raise too_new(path, int(row[0]))
+
+
+def _set(con: duckdb.DuckDBPyConnection, **values) -> None:
+    for key, value in values.items():
+        con.execute(f"INSERT OR REPLACE INTO {META_TABLE} (key, value) VALUES (?, ?)", [key, str(value)])
+
+
+def _apply(con: duckdb.DuckDBPyConnection, step: Step) -> None:
+    if callable(step):
+        step(con)
+    else:
+        for sql in step:
+            con.execute(sql)
+
+
+def migrate(con: duckdb.DuckDBPyConnection, path: str) -> int | None:
+    """Bring the database to SCHEMA_VERSION in one transaction (a new one gets `schema.DDL`) and
+    (re)create the views; returns the version it had (None: it was new)."""
+    version = stored_version(con, path)
+    if version is not None and version > SCHEMA_VERSION:
+        raise too_new(path, version)
+    if version == SCHEMA_VERSION:
+        create_views(con)  # views follow the code, not the schema version
+        return version
+    now = datetime.now(timezone.utc).isoformat()
+    at = version
+    con.execute("BEGIN TRANSACTION")
+    try:
+        if version is None:
+            for ddl in DDL:
+                con.execute(ddl)
+            _set(con, schema_version=SCHEMA_VERSION, database_id=uuid.uuid4(), created_at=now)
+        else:
+            for at in range(version, SCHEMA_VERSION):
+                _apply(con, STEPS[at])
+            known = con.execute(f"SELECT value FROM {META_TABLE} WHERE key = 'database_id'").fetchone()
+            _set(con, schema_version=SCHEMA_VERSION, database_id=known[0] if known else uuid.uuid4(),
+                 migrated_from=version, migrated_at=now)
+        create_views(con)
+        con.execute("COMMIT")
+    except BaseException as exc:
+        con.execute("ROLLBACK")
+        if not isinstance(exc, Exception):
+            raise
+        detail = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        if version is None:
+            raise MigrationError(f"{path}: creating the schema failed ({detail}); database unchanged") from exc
+        raise MigrationError(f"{path}: schema migration failed at version {at} -> {at + 1} ({detail}); "
+                             f"database unchanged (still version {version})") from exc
+    return version
+
+
+def database_id(con: duckdb.DuckDBPyConnection) -> str | None:
+    """The UUID the database got when it was created (or migrated to version 1)."""
+    try:
+        row = con.execute(f"SELECT value FROM {META_TABLE} WHERE key = 'database_id'").fetchone()
+    except duckdb.CatalogException:
+        return None
+    return row[0] if row else None
