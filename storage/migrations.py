@@ -10,6 +10,7 @@ Versions:
      release that wrote it (the oldest lacks failed_docs.source_row, the runs counters, doc_state,
      evaluations and the later result tables; see tests/fixtures/README.md).
   1  `taskheads_meta`, runs.quarantined, and every table and column of the schema at that time.
+  2  failed_docs.kind / attempts / fingerprint; doc_state holds successes only.
 
 To change the schema: change `schema.DDL` (what a new database gets) AND append one step to `STEPS`
 that brings version len(STEPS) - 1 to the new shape. SCHEMA_VERSION follows. Steps are frozen once
@@ -59,6 +60,17 @@ STEPS: list[Step] = [
     [f"CREATE TABLE IF NOT EXISTS {META_TABLE} (key VARCHAR PRIMARY KEY, value VARCHAR)",
      *(f"CREATE TABLE IF NOT EXISTS {t} ({cols})" for t, cols in _V1_TABLES.items()),
      *(f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {c} {ty}" for t, c, ty in _V1_COLUMNS)],
+    # 1 -> 2: failed attempts live in failed_docs (kind, attempts, the fingerprint that failed); doc_state
+    # keeps only successes. Earlier failures: plan/read/encode were the text's fault (terminal), a
+    # forward/decode failure may have been memory or a since-fixed bug (transient: retried).
+    ["ALTER TABLE failed_docs ADD COLUMN IF NOT EXISTS kind VARCHAR",
+     "ALTER TABLE failed_docs ADD COLUMN IF NOT EXISTS attempts INTEGER",
+     "ALTER TABLE failed_docs ADD COLUMN IF NOT EXISTS fingerprint VARCHAR",
+     "UPDATE failed_docs f SET fingerprint = d.fingerprint FROM doc_state d "
+     "WHERE d.head = f.head AND d.doc_id = f.doc_id AND d.status = 'failed'",
+     "UPDATE failed_docs SET attempts = 1, kind = CASE WHEN stage IN ('plan', 'read', 'encode') THEN 'terminal' "
+     "ELSE 'transient' END",
+     "DELETE FROM doc_state WHERE status = 'failed'"],
 ]
 SCHEMA_VERSION = len(STEPS)
 

@@ -269,3 +269,30 @@ def test_file_from_a_newer_duckdb_is_refused_with_one_line(tmp_path, monkeypatch
     assert main(["sql", str(database), "SELECT 1"]) == 2
     assert capsys.readouterr().err == (f"taskheads: {database}: written by a newer DuckDB than this one "
                                        f"({duckdb.__version__}) can read; upgrade taskheads to use it\n")
+
+
+def test_version_1_failures_move_out_of_doc_state(tmp_path):
+    """1 -> 2: a failed document no longer blocks itself: its doc_state row goes, its failed_docs row
+    keeps the fingerprint that failed and gets a kind (the text's fault, or retried) and attempts."""
+    path = str(tmp_path / "v1.duckdb")
+    con = duckdb.connect(path)
+    con.execute("CREATE TABLE taskheads_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    con.execute("CREATE TABLE failed_docs (head VARCHAR, doc_id VARCHAR, error VARCHAR, stage VARCHAR, "
+                "source_file VARCHAR, source_row BIGINT, run_id VARCHAR, model_id VARCHAR)")
+    for ddl in [d for d in migrations.DDL if "EXISTS failed_docs" not in d and "EXISTS taskheads_meta" not in d]:
+        con.execute(ddl)
+    con.execute("INSERT INTO taskheads_meta VALUES ('schema_version', '1'), ('database_id', 'x')")
+    con.execute("INSERT INTO doc_state VALUES ('t', 'a', 'fa', 'm', 'r', 'failed', now()), "
+                "('t', 'b', 'fb', 'm', 'r', 'failed', now()), ('t', 'c', 'fc', 'm', 'r', 'done', now())")
+    con.execute("INSERT INTO failed_docs VALUES ('t', 'a', 'empty text', 'read', 'f', 0, 'r', 'm'), "
+                "('t', 'b', 'out of memory on 9 tokens', 'forward', 'f', 1, 'r', 'm')")
+    con.close()
+    db.ensure_schema(path)
+    con = duckdb.connect(path, read_only=True)
+    try:
+        assert con.execute("SELECT doc_id, status FROM doc_state").fetchall() == [("c", "done")]
+        assert con.execute("SELECT doc_id, kind, attempts, fingerprint FROM failed_docs ORDER BY doc_id").fetchall() \
+            == [("a", "terminal", 1, "fa"), ("b", "transient", 1, "fb")]
+    finally:
+        con.close()
+    assert meta(path)["schema_version"] == str(migrations.SCHEMA_VERSION)
