@@ -193,10 +193,18 @@ def load_shard(database: str, manifest_path: str) -> tuple[int, int]:
     return parts["results"].num_rows, parts["failed"].num_rows
 
 
-def query(database: str, sql: str, params: Sequence[Any] | None = None, wait_seconds: float = 30.0):
-    """Run one read-only query; returns (column names, rows)."""
+def query(database: str, sql: str, params: Sequence[Any] | None = None, wait_seconds: float = 30.0,
+          read: Sequence[str] = ()):
+    """Run one SELECT on the database opened read-only; returns (column names, rows).
+
+    Sandboxed (storage.sandbox): anything but one SELECT is refused (UnsafeSQL) before the database is
+    opened, and the query can open no file but the database and the files or folders in `read`."""
+    from .sandbox import check_select, lock_down
+
+    check_select(sql)
     con = connect(database, read_only=True, wait_seconds=wait_seconds)
     try:
+        lock_down(con, [p for p in read if not Path(p).is_dir()], [p for p in read if Path(p).is_dir()], utc=False)
         cur = con.execute(sql, list(params or []))
         return [d[0] for d in cur.description], cur.fetchall()
     finally:

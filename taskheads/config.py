@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from storage.sandbox import UnsafeSQL, check_expression
 from storage.schema import quote
 
 if sys.version_info >= (3, 11):
@@ -49,6 +50,9 @@ HEAD_KEYS = {
     "trust_remote_code": "allow model code from the hub (off by default)",
     "gold_column": "corpus column with the expected output: every run evaluates the head on the labelled rows",
 }
+
+
+HEAD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ class PipelineConfig:
 
     def routing(self, h: HeadConfig) -> str | None:
         """The full SQL predicate routing documents to `h`: its `where`, its language, its input present."""
-        parts = [f"({h.where})"] if h.where else []
+        parts = [check_expression(h.where)] if h.where else []  # parenthesised, as DuckDB prints it
         if h.source_lang:
             lang = quote(self.lang_column) if self.lang_column else f"{quote(self.language_head())}.language"
             parts.append(f"{lang} = '{h.source_lang}'")
@@ -222,6 +226,11 @@ def parse_head(name: str, raw: Any, base: Path) -> HeadConfig:
         raise ConfigError(f"{key}.batch_tokens: must be at least 16")
     if "where" in raw and not raw["where"].strip():
         raise ConfigError(f"{key}.where: empty predicate (leave the key out to route every document)")
+    if "where" in raw:
+        try:
+            check_expression(raw["where"])
+        except UnsafeSQL as exc:
+            raise ConfigError(f"{key}.where: invalid predicate {raw['where']!r}: {exc}") from None
     if any(not isinstance(d, str) for d in raw.get("depends_on", [])):
         raise ConfigError(f"{key}.depends_on: expected a list of head names, got {raw['depends_on']!r}")
     if "source_lang" in raw and not re.fullmatch(r"[a-z]{2}", raw["source_lang"]):
@@ -271,6 +280,10 @@ def parse_config(raw: Mapping[str, Any], base: Path, source: str | None = None) 
     _check_type("max_resident_models", max_models, (int,), "an integer")
     if max_models < 0:
         raise ConfigError("max_resident_models: must be 0 (no limit) or more")
+    for name in heads_raw:
+        if not HEAD_NAME.fullmatch(name):
+            raise ConfigError(f"heads.{name}: head names must match [A-Za-z_][A-Za-z0-9_]* (they name files, "
+                              f"SQL columns and Prefect tasks), got {name!r}")
     heads = tuple(parse_head(name, h, base) for name, h in heads_raw.items())
     cfg = PipelineConfig(corpus=_resolve_path(raw["corpus"], base), database=_resolve_path(raw["database"], base),
                          heads=heads, id_column=raw.get("id_column", "id"),
