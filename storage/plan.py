@@ -13,7 +13,10 @@ the flow plans them after their upstream heads are loaded. A head reading a tran
 file (staged Parquet of the rows to infer, translated text in the text column), so workers never
 open the database.
 
-The database is attached read-only, so planning never blocks readers for long and never writes.
+The database is attached read-only, so planning never blocks readers for long and never writes. The
+connection is sandboxed (storage.sandbox): each `where` must be one expression and is spliced as DuckDB
+prints it; the connection can open only the corpus files (by their literal names: no globbing) and the
+database. Ids become text through corpus.id_text, the form the loader's read_docs uses too.
 """
 from __future__ import annotations
 

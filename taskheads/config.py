@@ -40,7 +40,7 @@ HEAD_KEYS = {
     "task": "classification | ner | qa | translation | language | masked_lm | causal_lm | multiple_choice",
     "model": "local model folder or hub id",
     "revision": "hub revision (branch, tag or commit) passed to from_pretrained",
-    "where": "SQL predicate over corpus columns and upstream heads' results (topic.label) routing documents here",
+    "where": "one SQL expression over corpus columns and upstream heads' results (topic.label) routing documents here",
     "depends_on": "heads that must run first (heads named in `where` or `input` are added by themselves)",
     "input": "an upstream translation head whose output this head reads instead of the text column",
     "source_lang": "ISO 639-1 code: only documents in this language (lang_column, or a language head)",
