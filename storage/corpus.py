@@ -97,14 +97,41 @@ def readable_schema(files: Sequence[str]) -> pa.Schema | None:
     return None
 
 
+def id_text(expr: str) -> str:
+    """SQL turning a document id (any type) into its text: DuckDB's CAST to VARCHAR, in UTC (the
+    connection's TimeZone, set by the sandbox). The one reference for planning, loading, routing joins
+    and gold evaluation; `doc_ids` applies it to ids read in Python."""
+    return f"CAST({expr} AS VARCHAR)"
+
+
+def doc_ids(values: pa.ChunkedArray | pa.Array) -> list[str | None]:
+    """Ids as text, exactly as the planner's id_text makes them (None stays None)."""
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        return values.to_pylist()
+    con = duckdb.connect()
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        ids = pa.table({"id": values, "pos": pa.array(range(len(values)), pa.int64())})
+        con.register("ids", ids)
+        return [r[0] for r in con.execute(f"SELECT {id_text('id')} FROM ids ORDER BY pos").fetchall()]
+    finally:
+        con.close()
+
+
 def validate_where(schema: pa.Schema, where: str, id_column: str = "id",
                    upstream: Mapping[str, str] | None = None) -> str | None:
     """Check a predicate against corpus columns and the upstream heads it reads ({head: result table},
     seen as struct columns named after the heads, as planning sees them, over empty tables);
-    returns the DuckDB error line or None."""
+    returns the problem (not one expression, or DuckDB's error line) or None. Runs sandboxed, on
+    empty tables: no file is opened."""
     from .plan import create_upstream, source_sql
+    from .sandbox import check_expression, lock_down
     from .schema import DDL
 
+    try:
+        predicate = check_expression(where)
+    except ValueError as exc:
+        return str(exc)
     con = duckdb.connect()
     try:
         con.register("corpus", schema.empty_table())
@@ -115,8 +142,9 @@ def validate_where(schema: pa.Schema, where: str, id_column: str = "id",
                 con.execute(ddl)
             con.execute("USE memory")
             create_upstream(con, upstream)
+        lock_down(con)
         con.execute(f"SELECT count(*) FROM {source_sql('corpus', list(upstream or ()), id_column)} "
-                    f"WHERE ({where})").fetchall()
+                    f"WHERE {predicate}").fetchall()
         return None
     except duckdb.Error as exc:
         return str(exc).strip().splitlines()[0]
@@ -130,16 +158,15 @@ def read_docs(path: str, rows: Sequence[int], id_column: str, text_column: str,
     names = pq.read_schema(path).names
     wanted = [id_column, text_column] + [c for c in extra_columns if c not in (id_column, text_column) and c in names]
     table = read_rows(path, rows, wanted)
-    ids = table.column(id_column).to_pylist()
+    ids = doc_ids(table.column(id_column))
     texts = table.column(text_column).to_pylist()
     extras = {c: table.column(c).to_pylist() for c in wanted[2:]}
     docs: list[tuple[int, Doc]] = []
     invalid: list[dict] = []
     for k, row in enumerate(rows):
-        raw_id, text = ids[k], texts[k]
-        doc_id = None if raw_id is None else str(raw_id)
+        doc_id, text = ids[k], texts[k]
         problem = None
-        if raw_id is None:
+        if doc_id is None:
             problem = f"null id (row {row} of {Path(path).name})"
         elif text is None:
             problem = "null text"

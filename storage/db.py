@@ -39,7 +39,6 @@ def _now() -> datetime:
 
 
 def connect(path: str, read_only: bool = False, wait_seconds: float = 30.0) -> duckdb.DuckDBPyConnection:
-    """Open the database, waiting with backoff while another process holds its lock."""
     """Open the database, waiting with backoff while another process holds its lock.
 
     A database newer than this code (schema version or DuckDB storage format) raises SchemaTooNew.
@@ -289,10 +288,18 @@ def quarantined(database: str, run_id: str) -> list[str]:
     return list(row[0][0] or []) if row else []
 
 
-def query(database: str, sql: str, params: Sequence[Any] | None = None, wait_seconds: float = 30.0):
-    """Run one read-only query; returns (column names, rows)."""
+def query(database: str, sql: str, params: Sequence[Any] | None = None, wait_seconds: float = 30.0,
+          read: Sequence[str] = ()):
+    """Run one SELECT on the database opened read-only; returns (column names, rows).
+
+    Sandboxed (storage.sandbox): anything but one SELECT is refused (UnsafeSQL) before the database is
+    opened, and the query can open no file but the database and the files or folders in `read`."""
+    from .sandbox import check_select, lock_down
+
+    check_select(sql)
     con = connect(database, read_only=True, wait_seconds=wait_seconds)
     try:
+        lock_down(con, [p for p in read if not Path(p).is_dir()], [p for p in read if Path(p).is_dir()], utc=False)
         cur = con.execute(sql, list(params or []))
         return [d[0] for d in cur.description], cur.fetchall()
     finally:

@@ -13,7 +13,10 @@ the flow plans them after their upstream heads are loaded. A head reading a tran
 file (staged Parquet of the rows to infer, translated text in the text column), so workers never
 open the database.
 
-The database is attached read-only, so planning never blocks readers for long and never writes.
+The database is attached read-only, so planning never blocks readers for long and never writes. The
+connection is sandboxed (storage.sandbox): each `where` must be one expression and is spliced as DuckDB
+prints it; the connection can open only the corpus files (by their literal names: no globbing) and the
+database. Ids become text through corpus.id_text, the form the loader's read_docs uses too.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from typing import Mapping, Sequence
 import duckdb
 import pyarrow.parquet as pq
 
+from .corpus import id_text
+from .sandbox import check_expression, literal_path, sandboxed_connection
 from .schema import quote, upstream_sql
 
 
@@ -89,7 +94,7 @@ def create_upstream(con, upstream: Mapping[str, str]) -> None:
 def source_sql(rows: str, upstream: Sequence[str], id_column: str) -> str:
     """Corpus rows (`rows`: a relation) with one struct column per upstream head, as relation `src`."""
     cols = "".join(f", up_{k}.s AS {quote(name)}" for k, name in enumerate(upstream))
-    joins = "".join(f" LEFT JOIN up_{k} ON up_{k}.doc_id = CAST(c.{quote(id_column)} AS VARCHAR)"
+    joins = "".join(f" LEFT JOIN up_{k} ON up_{k}.doc_id = {id_text('c.' + quote(id_column))}"
                     for k in range(len(upstream)))
     return f"(SELECT c.*{cols} FROM {rows} c{joins}) src"
 
@@ -100,13 +105,22 @@ def plan_work(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
     """Plan every head over `files` (already checked readable): (plans, rows scanned, file error lines).
 
     A document that failed before on the same text and model is tried again when its fault was
-    transient and it has failed fewer than `max_attempts` times, or with `retry_failed` (or `full`)."""
-    con = duckdb.connect()
+    transient and it has failed fewer than `max_attempts` times, or with `retry_failed` (or `full`).
+
+    Runs sandboxed: the connection reads only `files` and the database; each `where` is checked to be
+    one expression first (ValueError naming the head otherwise), whoever built the PlanHead."""
+    routing = {}
+    for h in heads:
+        try:
+            routing[h.name] = check_expression(h.where) if h.where else None
+        except ValueError as exc:
+            raise ValueError(f"heads.{h.name}.where: {exc}") from None
+    database = database if database and Path(database).exists() else None
+    con = sandboxed_connection(files, database)
     errors: list[str] = []
     try:
         has_state = False
-        if database and Path(database).exists():
-            con.execute(f"ATTACH '{database.replace(chr(39), chr(39) * 2)}' AS results (READ_ONLY)")
+        if database:
             has_state = bool(con.execute("SELECT 1 FROM duckdb_tables() WHERE database_name = 'results' "
                                          "AND table_name = 'doc_state'").fetchone())
         upstream = dict(u for h in heads for u in h.upstream)
@@ -126,11 +140,11 @@ def plan_work(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
                 text = f"{quote(h.input)}.text" if h.input else quote(text_column)
                 exprs.append(_fingerprint_sql(text, is_string or bool(h.input), h.extra_columns, present)
                              + f" AS fp_{i}")
-                exprs.append(f"coalesce(({h.where}), false) AS r_{i}" if h.where else f"true AS r_{i}")
+                exprs.append(f"coalesce({routing[h.name]}, false) AS r_{i}" if h.where else f"true AS r_{i}")
             try:
                 con.execute(
-                    f"INSERT INTO scan SELECT ?, file_row_number, CAST({quote(id_column)} AS VARCHAR), {', '.join(exprs)} "
-                    f"FROM {source}", [file_no, path])
+                    f"INSERT INTO scan SELECT ?, file_row_number, {id_text(quote(id_column))}, {', '.join(exprs)} "
+                    f"FROM {source}", [file_no, literal_path(path)])
             except duckdb.Error as exc:
                 errors.append(f"{path}: cannot be planned ({str(exc).strip().splitlines()[0]})")
         retry = RetryRule(max_attempts, retry_failed or full)
@@ -160,10 +174,10 @@ def _stage_inputs(con, head: PlanHead, plan: HeadPlan, source: str, id_column: s
             continue
         present = set(pq.read_schema(path).names)
         extras = [c for c in head.extra_columns if c in present and c not in (id_column, text_column)]
-        cols = ", ".join([f"CAST(src.{quote(id_column)} AS VARCHAR) AS {quote(id_column)}",
+        cols = ", ".join([f"{id_text('src.' + quote(id_column))} AS {quote(id_column)}",
                           f"{quote(head.input)}.text AS {quote(text_column)}"] + [f"src.{quote(c)}" for c in extras])
         table = con.sql(f"SELECT {cols} FROM {source} WHERE src.file_row_number IN (SELECT unnest(?)) "
-                        "ORDER BY src.file_row_number", params=[path, wanted]).to_arrow_table()
+                        "ORDER BY src.file_row_number", params=[literal_path(path), wanted]).to_arrow_table()
         out = inputs_dir / f"{head.name}-{hashlib.sha1(path.encode()).hexdigest()[:12]}.parquet"
         pq.write_table(table, out)
         position = {r: k for k, r in enumerate(wanted)}

@@ -244,15 +244,29 @@ def format_table(columns: list[str], rows: list[tuple], max_width: int = 60) -> 
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
+    import duckdb
+
     from storage.db import DatabaseBusy, SchemaTooNew, query
+    from storage.sandbox import UnsafeSQL
 
     if not os.path.exists(args.db):
         print(f"taskheads: database not found: {args.db}", file=sys.stderr)
         return 2
+    for path in args.read:
+        if not os.path.exists(path):
+            print(f"taskheads: --read {path}: no such file or folder", file=sys.stderr)
+            return 2
     try:
-        columns, rows = query(args.db, args.query, wait_seconds=args.wait)
+        columns, rows = query(args.db, args.query, wait_seconds=args.wait, read=args.read)
     except SchemaTooNew as exc:
         print(f"taskheads: {exc}", file=sys.stderr)
+        return 2
+    except UnsafeSQL as exc:
+        print(f"taskheads: refused: {exc}", file=sys.stderr)
+        return 2
+    except duckdb.PermissionException as exc:
+        print(f"taskheads: refused: {str(exc).strip().splitlines()[0]} (taskheads sql opens only the database and "
+              "the files or folders given with --read)", file=sys.stderr)
         return 2
     except DatabaseBusy as exc:
         print(f"taskheads: {exc}; try again when the run's load finishes", file=sys.stderr)
@@ -301,10 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("db")
     report.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
     report.set_defaults(func=cmd_report)
-    sql = sub.add_parser("sql", help="run one read-only SQL query against a results database")
+    sql = sub.add_parser("sql", help="run one read-only SELECT against a results database (sandboxed)")
     sql.add_argument("db")
     sql.add_argument("query")
     sql.add_argument("--wait", type=float, default=30.0, help="seconds to wait while a writer holds the file")
+    sql.add_argument("--read", action="append", default=[], metavar="PATH",
+                     help="a file or folder the query may read (e.g. the corpus, for joins); repeatable. "
+                     "Nothing else can be opened, and nothing written, attached, installed or set")
     sql.set_defaults(func=cmd_sql)
     return parser
 

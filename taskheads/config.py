@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from storage.sandbox import UnsafeSQL, check_expression
 from storage.schema import HEAD_NAME, quote
 
 if sys.version_info >= (3, 11):
@@ -41,7 +42,7 @@ HEAD_KEYS = {
     "task": "classification | ner | qa | translation | language | masked_lm | causal_lm | multiple_choice",
     "model": "local model folder or hub id",
     "revision": "hub revision (branch, tag or commit) passed to from_pretrained",
-    "where": "SQL predicate over corpus columns and upstream heads' results (topic.label) routing documents here",
+    "where": "one SQL expression over corpus columns and upstream heads' results (topic.label) routing documents here",
     "depends_on": "heads that must run first (heads named in `where` or `input` are added by themselves)",
     "input": "an upstream translation head whose output this head reads instead of the text column",
     "source_lang": "ISO 639-1 code: only documents in this language (lang_column, or a language head)",
@@ -113,7 +114,7 @@ class PipelineConfig:
 
     def routing(self, h: HeadConfig) -> str | None:
         """The full SQL predicate routing documents to `h`: its `where`, its language, its input present."""
-        parts = [f"({h.where})"] if h.where else []
+        parts = [check_expression(h.where)] if h.where else []  # parenthesised, as DuckDB prints it
         if h.source_lang:
             lang = quote(self.lang_column) if self.lang_column else f"{quote(self.language_head())}.language"
             parts.append(f"{lang} = '{h.source_lang}'")
@@ -182,7 +183,8 @@ def parse_head(name: str, raw: Any, base: Path) -> HeadConfig:
 
     key = f"heads.{name}"
     if not HEAD_NAME.match(name):
-        raise ConfigError(f"{key}: a head name is letters, digits and _ (not starting with a digit)")
+        raise ConfigError(f"{key}: head names must match [A-Za-z_][A-Za-z0-9_]* (they name files, "
+                          f"SQL columns and Prefect tasks), got {name!r}")
     if not isinstance(raw, dict):
         raise ConfigError(f"{key}: expected a table like [heads.{name}] with task and model")
     task = raw.get("task")
@@ -227,6 +229,11 @@ def parse_head(name: str, raw: Any, base: Path) -> HeadConfig:
         raise ConfigError(f"{key}.batch_tokens: must be at least 16")
     if "where" in raw and not raw["where"].strip():
         raise ConfigError(f"{key}.where: empty predicate (leave the key out to route every document)")
+    if "where" in raw:
+        try:
+            check_expression(raw["where"])
+        except UnsafeSQL as exc:
+            raise ConfigError(f"{key}.where: invalid predicate {raw['where']!r}: {exc}") from None
     if any(not isinstance(d, str) for d in raw.get("depends_on", [])):
         raise ConfigError(f"{key}.depends_on: expected a list of head names, got {raw['depends_on']!r}")
     if "source_lang" in raw and not re.fullmatch(r"[a-z]{2}", raw["source_lang"]):

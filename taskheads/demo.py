@@ -153,7 +153,7 @@ def main() -> int:
     for title, sql in QUERIES:
         sql = sql.replace("{corpus}", corpus)
         print(f"\n== {title}")
-        print(format_table(*query(str(OUT / "results.duckdb"), sql)))
+        print(format_table(*query(str(OUT / "results.duckdb"), sql, read=[str(CORPUS.resolve())])))
     from .report import build_report
 
     report = build_report(str(OUT / "results.duckdb"), str(OUT / "report.html"))

@@ -48,7 +48,7 @@ def top(corpus) -> str:
     (lambda c, m: top(c) + head(m, "batch_tokens = \"big\""), "heads.topic.batch_tokens: expected an integer"),
     (lambda c, m: top(c), "heads: no heads configured"),
     (lambda c, m: top(c) + head(m).replace("[heads.topic]", "[heads.my-topic]"),
-     "heads.my-topic: a head name is letters, digits and _"),
+     "heads.my-topic: head names must match"),
     (lambda c, m: 'database = "x.duckdb"\n' + head(m), "corpus: missing"),
     (lambda c, m: top(str(c.parent / "nothing-*.parquet")) + head(m), "corpus: corpus"),
 ])
@@ -87,3 +87,21 @@ def test_console_script_reports_missing_column_in_one_line(tmp_path, tiny_models
     assert proc.returncode == 2
     assert "missing column 'text'" in proc.stderr and "c.parquet" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "a-b", "1st", "a b", "topic.x", "", "naïve"])
+def test_head_names_are_identifiers(tmp_path, corpus, tiny_models, capsys, name):
+    """Head names become file names and SQL column names: only [A-Za-z_][A-Za-z0-9_]*."""
+    body = top(corpus) + f'[heads."{name}"]\ntask = "classification"\nmodel = "{tiny_models["classification"]}"\n'
+    cfg = write(tmp_path, body)
+    with pytest.raises(ConfigError, match=r"^heads\." + __import__("re").escape(name) + r": head names must match"):
+        load_config(cfg)
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "head names must match" in err and err.count("\n") == 1
+
+
+def test_identifier_head_names_are_accepted(tmp_path, corpus, tiny_models):
+    body = top(corpus) + "".join(f'[heads.{n}]\ntask = "classification"\nmodel = "{tiny_models["classification"]}"\n'
+                                 for n in ("topic_2", "_x", "T"))
+    assert [h.name for h in load_config(write(tmp_path, body)).heads] == ["topic_2", "_x", "T"]

@@ -255,3 +255,76 @@ def test_unloadable_hub_model_is_one_line_naming_the_key(flow_run, tmp_path, cap
     err = capsys.readouterr().err
     assert "heads.topic.model: cannot load 'no-such-org/no-such-model'" in err
     assert err.count("\n") == 1
+
+
+def _one_head_config(tmp_path, model, extra=""):
+    cfg = tmp_path / "pipeline.toml"
+    cfg.write_text(f'corpus = "corpus"\ndatabase = "r.duckdb"\n[heads.topic]\ntask = "classification"\n'
+                   f'model = "{model}"\n{extra}')
+    return cfg
+
+
+def test_glob_characters_in_file_names_are_read_literally(tmp_path, tiny_models, prefect_harness):
+    """`a*.parquet` next to `ab.parquet`, `x?.parquet` next to `xy.parquet`, `[b].parquet` next to
+    `b.parquet`: every row inferred exactly once, from its own file; gold evaluation counts each once."""
+    from flows.process_corpus import process_corpus
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    names = ["a*.parquet", "ab.parquet", "x?.parquet", "xy.parquet", "[b].parquet", "b.parquet"]
+    expected = {}
+    for k, name in enumerate(names):
+        ids = [10 * k, 10 * k + 1]
+        texts = [f"text {i} of {name}" for i in ids]
+        pq.write_table(pa.table({"id": ids, "text": texts, "gold": ["POS", "NEG"]}), folder / name)
+        expected.update({str(i): t for i, t in zip(ids, texts)})
+    cfg = _one_head_config(tmp_path, tiny_models["classification"], 'gold_column = "gold"\n')
+    summary = process_corpus(config_path=str(cfg))
+    db = str(tmp_path / "r.duckdb")
+    assert summary["status"] == "completed" and summary["docs_read"] == 12
+    assert summary["heads"]["topic"]["inferred"] == 12 and summary["heads"]["topic"]["failed"] == 0
+    rows = fetch(db, "SELECT doc_id FROM classifications ORDER BY doc_id")
+    assert sorted(r["doc_id"] for r in rows) == sorted(expected)  # each once, none missing
+    assert fetch(db, "SELECT count(*) AS n FROM failed_docs")[0]["n"] == 0
+    assert {r["n"] for r in fetch(db, "SELECT n FROM evaluations WHERE source = 'corpus'")} == {12}
+    again = process_corpus(config_path=str(cfg))
+    assert again["heads"]["topic"]["inferred"] == 0 and again["heads"]["topic"]["unchanged"] == 12
+
+
+def test_ids_of_any_type_are_one_string_and_not_reinferred(tmp_path, tiny_models, prefect_harness):
+    """Bool, timestamp with time zone, blob, float, decimal and date ids: the stored doc_id is DuckDB's
+    CAST(id AS VARCHAR) text (UTC), and a rerun infers nothing."""
+    import datetime as dt
+    import decimal
+
+    from flows.process_corpus import process_corpus
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    columns = {
+        "bool": pa.array([True, False]),
+        "tstz": pa.array([dt.datetime(2024, 1, 2, 3, 4, 5, 600000, tzinfo=dt.timezone.utc),
+                          dt.datetime(2024, 6, 1, 12, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))],
+                         pa.timestamp("us", tz="Europe/Berlin")),
+        "blob": pa.array([b"\x00\xffid", b"plain"], pa.binary()),
+        "float32": pa.array([0.1, 2.5], pa.float32()),
+        "float64": pa.array([0.3, 1e20], pa.float64()),
+        "decimal": pa.array([decimal.Decimal("1.50"), decimal.Decimal("-2.00")], pa.decimal128(10, 2)),
+        "date": pa.array([dt.date(2024, 2, 29), dt.date(1999, 12, 31)], pa.date32()),
+    }
+    for name, ids in columns.items():
+        pq.write_table(pa.table({"id": ids, "text": [f"{name} one", f"{name} two"]}), folder / f"{name}.parquet")
+    ref = duckdb.connect()  # the reference text: DuckDB's own cast, in UTC
+    ref.execute("SET TimeZone = 'UTC'")
+    expected = sorted(r[0] for name in columns for r in ref.execute(
+        "SELECT CAST(id AS VARCHAR) FROM read_parquet(?)", [str(folder / f"{name}.parquet")]).fetchall())
+    ref.close()
+    assert "true" in expected and "2024-01-02 03:04:05.6+00" in expected and "0.1" in expected
+    cfg = _one_head_config(tmp_path, tiny_models["classification"])
+    first = process_corpus(config_path=str(cfg))
+    db = str(tmp_path / "r.duckdb")
+    assert first["heads"]["topic"]["inferred"] == 14 and first["heads"]["topic"]["failed"] == 0
+    assert sorted(r["doc_id"] for r in fetch(db, "SELECT doc_id FROM classifications")) == expected
+    assert sorted(r["doc_id"] for r in fetch(db, "SELECT doc_id FROM doc_state")) == expected
+    second = process_corpus(config_path=str(cfg))
+    assert second["heads"]["topic"]["inferred"] == 0 and second["heads"]["topic"]["unchanged"] == 14
