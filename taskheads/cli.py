@@ -101,6 +101,11 @@ class ProgressBars:
         self.unsubscribe()
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from contextlib import ExitStack, nullcontext
 
@@ -121,8 +126,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             with ProgressBars() if show else nullcontext():
                 summary = flow(config_path=args.config, corpus=cfg.corpus, database=cfg.database, full=args.full)
         except Exception as exc:
-            print(f"taskheads: run failed: {type(exc).__name__}: "
-                  f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", file=sys.stderr)
+            from heads.loading import ModelLoadError
+
+            if isinstance(exc, ModelLoadError):  # a model that cannot run is a config problem, refused before work
+                print(f"taskheads: config error: {_first_line(exc)}", file=sys.stderr)
+                return 2
+            print(f"taskheads: run failed: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
             return 1
     print(format_summary(summary))
     return 1 if summary["file_errors"] else 0
