@@ -142,7 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import warnings
     from pathlib import Path
 
-    from .server import ServerError, prefect_api
+    from .server import ServerError, auth_file, prefect_api
 
     cfg = _checked_config(args)
     if cfg is None:
@@ -166,6 +166,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             when = f"cron {args.cron!r}" if args.cron else f"every {args.interval} s"
             print(f"taskheads: serving deployment process-corpus/{name} ({when}) via {url}; Ctrl-C stops",
                   flush=True)
+            if auth_file(url).exists():  # the server started here: its UI asks for the login string
+                print(f"taskheads: Prefect UI at {url.removesuffix('/api')} (login string in {auth_file(url)}, "
+                      "readable by you only)", flush=True)
             process_corpus.serve(
                 name=name, cron=args.cron, interval=args.interval, limit=1, print_starting_message=False,
                 parameters={"config_path": str(Path(args.config).resolve()), "corpus": cfg.corpus,
