@@ -23,7 +23,7 @@ from tasks.corpus import plan_corpus
 from tasks.evaluate import evaluate_gold
 from tasks.inference import infer_unit
 from tasks.load import finish_run, load_shard, recover_staged, start_run
-from tasks.models import resolve_model
+from tasks.models import register_models, resolve_model
 
 
 @dataclass
@@ -80,12 +80,13 @@ def process_corpus(config_path: str, corpus: str | None = None, database: str | 
     log = get_run_logger()
     run_id = str(flow_run.get_id() or "local")
     s = RunSummary(run_id=run_id, database=cfg.database, heads={h.name: HeadSummary(task=h.task) for h in cfg.heads})
+    plan_heads, identities = _plan_heads(cfg, s)  # every model loads before anything is written
     with run_lock(cfg.database):
         start_run(cfg.database, run_id, cfg.source, cfg.corpus)
         try:
+            register_models(cfg.database, identities)
             s.recovered_rows = recover_staged(cfg.database, run_id, cfg.staging)
             staging = staging_dir(cfg.database, run_id, cfg.staging)
-            plan_heads = _plan_heads(cfg, s)
             for depth, level in enumerate(cfg.levels()):
                 files, usable, plans, docs_read, errors = plan_corpus(
                     cfg.corpus, cfg.database, [plan_heads[h.name] for h in level], cfg.id_column, cfg.text_column,
@@ -114,15 +115,18 @@ def process_corpus(config_path: str, corpus: str | None = None, database: str | 
     return summary
 
 
-def _plan_heads(cfg, s: RunSummary) -> dict[str, PlanHead]:
-    """Load each head once here for its model identity, then describe what planning needs of it."""
-    resolved = {}
-    for h in cfg.heads:
-        resolved[h.name] = resolve_model(h, cfg.database, cfg.max_resident_models)
-        s.heads[h.name].model_id = resolved[h.name][0]
-    return {h.name: PlanHead(h.name, cfg.routing(h), resolved[h.name][1], resolved[h.name][0],
-                             upstream=tuple((u, cfg.head(u).table) for u in cfg.upstream(h)), input=h.input)
-            for h in cfg.heads}
+def _plan_heads(cfg, s: RunSummary) -> tuple[dict[str, PlanHead], list[dict]]:
+    """Load each head once here for its model identity, then describe what planning needs of it.
+
+    Writes nothing: a head that cannot run (e.g. untrained task weights) stops the run before its
+    `runs` row exists. Returns the plan heads and the identities to register in `models`."""
+    resolved = {h.name: resolve_model(h, cfg.max_resident_models) for h in cfg.heads}
+    for name, (identity, _) in resolved.items():
+        s.heads[name].model_id = identity["model_id"]
+    plans = {h.name: PlanHead(h.name, cfg.routing(h), resolved[h.name][1], resolved[h.name][0]["model_id"],
+                              upstream=tuple((u, cfg.head(u).table) for u in cfg.upstream(h)), input=h.input)
+             for h in cfg.heads}
+    return plans, [identity for identity, _ in resolved.values()]
 
 
 def _run_level(cfg, level, plans, s: RunSummary, staging: str) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -16,6 +17,75 @@ from .registry import head_class
 
 class ModelLoadError(Exception):
     """A head's model cannot be loaded; the message names the config key."""
+
+
+class UntrainedHeadError(ModelLoadError):
+    """The checkpoint lacks the head's task weights: transformers would fill them at random."""
+
+
+TRAINABLE = ("classification", "ner", "qa")  # the tasks flows/train_head fine-tunes
+
+
+class _LoadReportFilter(logging.Filter):
+    """Drops transformers' load-report warnings in threads inside `load_head`, which checks the same
+    loading info itself (missing or mismatched weights refuse the head; unexpected ones, e.g. an
+    encoder's pooler a token classifier does not use, are harmless). Other threads and code keep
+    every transformers warning: nothing is silenced process-wide."""
+
+    active = threading.local()
+    # the table of missing/unexpected/mismatched keys, and tied weights absent on both sides
+    # (they stay in missing_keys, so the head is refused anyway)
+    MESSAGES = ("LOAD REPORT", "This checkpoint seem corrupted")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(self.active, "depth", 0):
+            return True
+        message = record.getMessage()
+        return not any(m in message for m in self.MESSAGES)
+
+
+_REPORT_FILTER = _LoadReportFilter()
+
+
+@contextmanager
+def own_load_report():
+    """While our own from_pretrained runs in this thread, its load report is ours to judge."""
+    from transformers.utils import logging as hf_logging
+
+    target = hf_logging.get_logger("transformers.modeling_utils")
+    if _REPORT_FILTER not in target.filters:
+        target.addFilter(_REPORT_FILTER)
+    _REPORT_FILTER.active.depth = getattr(_REPORT_FILTER.active, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _REPORT_FILTER.active.depth -= 1
+
+
+def _short(keys, limit: int = 6) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def check_trained(name: str, task: str, model: str, net, info: Mapping[str, Any]) -> None:
+    """Refuse a model whose weights transformers had to initialise: missing from the checkpoint
+    (a bare encoder under a task head) or of another shape than the config says (e.g. a 3-label
+    classifier under a 5-label config). Tied weights present in the checkpoint are not missing."""
+    missing = set(info.get("missing_keys") or ())
+    mismatched = {k: (tuple(a), tuple(b)) for k, a, b in info.get("mismatched_keys") or ()}
+    if not missing and not mismatched:
+        return
+    problems = []
+    if missing:
+        problems.append(f"missing weights {_short(missing)}")
+    if mismatched:
+        problems.append("weights of another shape " + _short(f"{k} {a} vs config {b}" for k, (a, b) in
+                                                             mismatched.items()))
+    way_out = ("fine-tune it with flows/train_head, or choose a fine-tuned model" if task in TRAINABLE
+               else "choose a model fine-tuned for it (saved with its task layer)")
+    raise UntrainedHeadError(
+        f"heads.{name}: {model!r} has no trained {task} weights for {type(net).__name__} "
+        f"({'; '.join(problems)}; they would be random): {way_out}")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
@@ -43,11 +113,12 @@ def resolve_device(device: str = "auto") -> str:
 def load_head(name: str, task: str, model: str, revision: str | None = None,
               params: Mapping[str, Any] | None = None, dtype: str = "float32", device: str = "auto",
               trust_remote_code: bool = False) -> Head:
+    """Tokenizer and model of a head; ModelLoadError (UntrainedHeadError when task weights are
+    missing) names the head, before any document is processed."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars per head would break the run's own bars
     cls = head_class(task)
     if cls.model_class is None:  # a model-free head (e.g. language detection) builds what it needs itself
         return cls(name, None, None, params)
@@ -56,11 +127,15 @@ def load_head(name: str, task: str, model: str, revision: str | None = None,
         kwargs["revision"] = revision
     try:
         tokenizer = AutoTokenizer.from_pretrained(model, use_fast=True, **kwargs)
-        net = cls.model_class.from_pretrained(model, use_safetensors=True, dtype=DTYPES[dtype], **kwargs)
+        with own_load_report():  # mismatched shapes are reported in `info`, not raised, then refused below
+            net, info = cls.model_class.from_pretrained(model, use_safetensors=True, dtype=DTYPES[dtype],
+                                                        output_loading_info=True, ignore_mismatched_sizes=True,
+                                                        **kwargs)
     except Exception as exc:  # offline without a cached copy, wrong id, no safetensors, wrong head type ...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"heads.{name}.model: cannot load {model!r} as {cls.model_class.__name__}: "
                              f"{reason}") from exc
+    check_trained(name, task, model, net, info)
     if not getattr(tokenizer, "is_fast", False):
         raise ModelLoadError(f"heads.{name}.model: {model!r} has no fast tokenizer (offsets need one)")
     net.to(resolve_device(device)).eval()

@@ -115,6 +115,11 @@ class ProgressBars:
         self.unsubscribe()
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from contextlib import ExitStack, nullcontext
 
@@ -136,8 +141,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 summary = flow(config_path=args.config, corpus=cfg.corpus, database=cfg.database, full=args.full,
                                retry_failed=args.retry_failed)
         except Exception as exc:
-            print(f"taskheads: run failed: {type(exc).__name__}: "
-                  f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", file=sys.stderr)
+            from heads.loading import ModelLoadError
+
+            if isinstance(exc, ModelLoadError):  # a model that cannot run is a config problem, refused before work
+                print(f"taskheads: config error: {_first_line(exc)}", file=sys.stderr)
+                return 2
+            print(f"taskheads: run failed: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
             return 1
     from storage.db import quarantined
 
@@ -154,7 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import warnings
     from pathlib import Path
 
-    from .server import ServerError, prefect_api
+    from .server import ServerError, auth_file, prefect_api
 
     cfg = _checked_config(args)
     if cfg is None:
@@ -178,6 +187,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             when = f"cron {args.cron!r}" if args.cron else f"every {args.interval} s"
             print(f"taskheads: serving deployment process-corpus/{name} ({when}) via {url}; Ctrl-C stops",
                   flush=True)
+            if auth_file(url).exists():  # the server started here: its UI asks for the login string
+                print(f"taskheads: Prefect UI at {url.removesuffix('/api')} (login string in {auth_file(url)}, "
+                      "readable by you only)", flush=True)
             process_corpus.serve(
                 name=name, cron=args.cron, interval=args.interval, limit=1, print_starting_message=False,
                 parameters={"config_path": str(Path(args.config).resolve()), "corpus": cfg.corpus,

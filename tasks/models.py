@@ -1,4 +1,4 @@
-"""Prefect task: load each head's model once and record its lineage in `models`."""
+"""Prefect tasks: load each head's model once (its lineage), then record that lineage in `models`."""
 from __future__ import annotations
 
 from prefect import task
@@ -9,9 +9,16 @@ from storage.db import register_model
 
 
 @task(name="resolve-model", cache_policy=NO_CACHE)
-def resolve_model(head_cfg, database: str, max_resident_models: int = 0) -> tuple[str, tuple[str, ...]]:
-    """Returns the model id and the extra corpus columns the head reads (they join its fingerprint)."""
+def resolve_model(head_cfg, max_resident_models: int = 0) -> tuple[dict, tuple[str, ...]]:
+    """The model's identity and the extra corpus columns the head reads (they join its fingerprint).
+
+    Writes nothing: a head that cannot run (ModelLoadError, UntrainedHeadError) stops the run here,
+    before the run touches the database."""
     head = cached_head(head_cfg, max_resident_models)
-    identity = model_identity(head_cfg, head)
-    register_model(database, identity)
-    return identity["model_id"], tuple(head.needed_columns())
+    return model_identity(head_cfg, head), tuple(head.needed_columns())
+
+
+@task(name="register-models", cache_policy=NO_CACHE)
+def register_models(database: str, identities: list[dict]) -> None:
+    for identity in identities:
+        register_model(database, identity)

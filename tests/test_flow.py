@@ -251,10 +251,11 @@ def test_unloadable_hub_model_is_one_line_naming_the_key(flow_run, tmp_path, cap
     cfg = tmp_path / "hub.toml"
     cfg.write_text(f'corpus = "{flow_run.root / "corpus" / "a.parquet"}"\ndatabase = "x.duckdb"\n'
                    '[heads.topic]\ntask = "classification"\nmodel = "no-such-org/no-such-model"\nrevision = "main"\n')
-    assert main(["run", str(cfg)]) == 1
+    assert main(["run", str(cfg)]) == 2  # a config problem, refused before the run writes anything
     err = capsys.readouterr().err
     assert "heads.topic.model: cannot load 'no-such-org/no-such-model'" in err
     assert err.count("\n") == 1
+    assert not (tmp_path / "x.duckdb").exists()
 
 
 def _one_head_config(tmp_path, model, extra=""):

@@ -11,6 +11,7 @@ Takes about 40 s: server start ~10 s, the runner picks up a scheduled run every 
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -76,9 +78,12 @@ def flow_run_processes(pid: int) -> list[psutil.Process]:
     return found
 
 
-def api(url: str, path: str, body: dict | None = None):
+def api(url: str, path: str, body: dict | None = None, auth: str | None = None):
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"{url}{path}", data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if auth is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    req = urllib.request.Request(f"{url}{path}", data=data, headers=headers)
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
 
@@ -106,6 +111,15 @@ def test_serve_runs_on_schedule_infers_only_new_documents_and_stops_on_sigterm(t
         ready = time.monotonic() - t0
         family |= {proc_ps := psutil.Process(proc.pid), *proc_ps.children(recursive=True)}
         assert "127.0.0.1" in url  # its own server, not one from the environment
+        # which answers only its own clients; the UI login string is in a file only we can read
+        login = Path(re.search(r"login string in (\S+), readable by you only", out.read_text()).group(1))
+        assert login.parent == tmp_path / "prefect-home" and (login.stat().st_mode & 0o077) == 0
+        auth = login.read_text()
+        try:
+            api(url, "/flows/filter", {})
+            raise AssertionError("the server answered a request without its auth string")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 401
 
         first = wait_for("first completed run", lambda: completed_runs(db), RUN_TIMEOUT, proc, err)[0]
         first_run = time.monotonic() - t0
@@ -124,9 +138,11 @@ def test_serve_runs_on_schedule_infers_only_new_documents_and_stops_on_sigterm(t
         assert sum(r["docs_inferred"] for r in runs) == old + new  # every document inferred exactly once
 
         # the same runs, as flow runs of the served deployment in the Prefect API
-        deployment = api(url, "/deployments/name/process-corpus/serve-test")
-        flow_runs = api(url, "/flow_runs/filter", {"flow_runs": {"id": {"any_": [r["run_id"] for r in runs]}},
-                                                   "limit": 50})
+        deployment = api(url, "/deployments/name/process-corpus/serve-test", auth=auth)
+        query = {"flow_runs": {"id": {"any_": [r["run_id"] for r in runs]}}, "limit": 50}
+        # the `runs` row completes a moment before the flow run returns and Prefect records it
+        flow_runs = wait_for("flow runs completed in the API", lambda: (f := api(url, "/flow_runs/filter", query,
+                             auth=auth)) and all(x["state_type"] == "COMPLETED" for x in f) and f, 30, proc, err)
         assert {(f["deployment_id"], f["state_type"]) for f in flow_runs} == {(deployment["id"], "COMPLETED")}
         assert len(flow_runs) == len(runs)
         family |= set(proc_ps.children(recursive=True))
@@ -146,6 +162,7 @@ def test_serve_runs_on_schedule_infers_only_new_documents_and_stops_on_sigterm(t
         assert statuses == {"completed"}, statuses
         gone, alive = psutil.wait_procs([p for p in family if p.pid != proc.pid], timeout=10)
         assert not alive, f"left running after serve exited: {alive}"
+        assert not login.exists()
         print(f"serving after {ready:.1f} s, first run done at {first_run:.1f} s, new file inferred "
               f"{picked_up:.1f} s after it landed, stopped {stopped:.1f} s after SIGTERM, "
               f"total {time.monotonic() - t0:.1f} s")

@@ -118,12 +118,14 @@ def load_base(model_class, base_model: str, **config):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # "newly initialized weights" is the point here, not a warning
+    from heads.loading import own_load_report
+
     hf_logging.disable_progress_bar()  # weight loading/saving bars; the training bar is our own
     tokenizer = AutoTokenizer.from_pretrained(base_model, use_fast=True)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{base_model}: a fast tokenizer is needed (offsets)")
-    model = model_class.from_pretrained(base_model, use_safetensors=True, **config)
+    with own_load_report():  # "newly initialised weights" is the point here, not a warning (this load only)
+        model = model_class.from_pretrained(base_model, use_safetensors=True, **config)
     return model, tokenizer
 
 
