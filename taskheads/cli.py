@@ -280,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("query")
     sql.add_argument("--wait", type=float, default=30.0, help="seconds to wait while a writer holds the file")
     sql.set_defaults(func=cmd_sql)
+    from .vectors import add_commands  # search, near-duplicates
+
+    add_commands(sub)
     return parser
 
 
