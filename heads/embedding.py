@@ -158,11 +158,12 @@ def _aggregate_rows(rows: list[dict], normalize: bool) -> dict:
     return decode_embedding(vec, [r["n_tokens"] for r in rows], normalize)[0]
 
 
-def _finish(v: np.ndarray, normalize: bool) -> list[float]:
+def _finish(v: np.ndarray, normalize: bool) -> np.ndarray:
+    """The stored vector: float32 (an array, not a list: Arrow converts it 16x faster when staging)."""
     if normalize:
         norm = float(np.linalg.norm(v))
         v = v / max(norm, 1e-12)  # F.normalize's epsilon
-    return v.astype(np.float32).tolist()
+    return v.astype(np.float32)
 
 
 def _model_files(model: Any) -> dict[str, dict | list | None]:
