@@ -238,7 +238,11 @@ def load_vss(con: duckdb.DuckDBPyConnection) -> str | None:
 
 
 class HnswIndex:
-    """An in-memory HNSW index (cosine) over a head's current document vectors; query many times."""
+    """An in-memory HNSW index (cosine) over a head's current document vectors; query many times.
+
+    Only a query with a constant vector uses the index: vss does not use it in joins (its docs), so
+    "each document's nearest neighbours" would be one query per document, slower than the exact
+    blocked matrix products of near-duplicates (benchmarks/embeddings.py measures both)."""
 
     def __init__(self, database: str, head: str, wait_seconds: float = 30.0):
         ids, mat = vectors(database, head, document_rows=True, wait_seconds=wait_seconds)
@@ -263,13 +267,6 @@ class HnswIndex:
         return self.con.sql(
             f"SELECT doc_id, -1 AS \"window\", 1 - array_cosine_distance(v, {q}) AS score "
             f"FROM vecs ORDER BY array_cosine_distance(v, {q}) LIMIT ?", params=[int(k)]).to_arrow_table()
-
-    def neighbours(self, k: int) -> pa.Table:
-        """Each vector's k nearest (approximate): (doc_a, doc_b, similarity)."""
-        return self.con.sql(
-            "SELECT a.doc_id AS doc_a, b.doc_id AS doc_b, 1 - array_cosine_distance(a.v, b.v) AS similarity "
-            "FROM vecs a, LATERAL (SELECT doc_id, v FROM vecs ORDER BY array_cosine_distance(v, a.v) LIMIT ?) b "
-            "WHERE a.doc_id <> b.doc_id", params=[int(k) + 1]).to_arrow_table()
 
     def close(self) -> None:
         self.con.close()

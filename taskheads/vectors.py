@@ -109,11 +109,14 @@ def search(database: str | os.PathLike, query: str, head: str, k: int = 10, wher
                      "text": pa.array([found.get(i) for i in ids], pa.string())})
 
 
-def near_duplicates(database: str | os.PathLike, head: str, min_similarity: float = 0.95,
-                    approximate: bool = False, neighbours: int = 10):
-    """Pairs of documents whose vectors have cosine similarity >= min_similarity: doc_a < doc_b, each
-    pair once, most similar first. Exact by default (blocked matrix products, no SQL cross join);
-    `approximate`: each document's `neighbours` nearest from an HNSW index, then the threshold."""
+def near_duplicates(database: str | os.PathLike, head: str, min_similarity: float = 0.95):
+    """Pairs of documents whose vectors have cosine similarity >= min_similarity: an Arrow table of
+    doc_a < doc_b (each pair once, most similar first), similarity.
+
+    Exact, without an SQL cross join: blocked matrix products over the document vectors (see
+    `similar_pairs`). An HNSW index does not help here: DuckDB's vss uses it only for a query with a
+    constant vector, so neighbours of every document would be one index query each, measured slower
+    (benchmarks/embeddings.py)."""
     from storage.search import SearchError, current_model, vectors
 
     database = str(database)
@@ -123,21 +126,6 @@ def near_duplicates(database: str | os.PathLike, head: str, min_similarity: floa
     if model["params"].get("per_window"):
         raise SearchError(f"head {head!r} stores one row per window (per_window = true); near-duplicates "
                           "compares document vectors")
-    if approximate:
-        from storage.search import HnswIndex
-
-        index = HnswIndex(database, head)
-        try:
-            t = index.neighbours(neighbours)
-        finally:
-            index.close()
-        a, b, s = (t.column(c).to_pylist() for c in ("doc_a", "doc_b", "similarity"))
-        pairs = {}
-        for x, y, sim in zip(a, b, s):
-            if sim >= min_similarity:
-                pairs[(min(x, y), max(x, y))] = sim
-        rows = sorted(((sim, x, y) for (x, y), sim in pairs.items()), key=lambda r: (-r[0], r[1], r[2]))
-        return _pairs_table([r[1] for r in rows], [r[2] for r in rows], [r[0] for r in rows])
     ids, mat = vectors(database, head)
     ia, ib, sim = similar_pairs(mat, min_similarity)
     a = [ids[i] for i in ia]
@@ -218,8 +206,7 @@ def cmd_near_duplicates(args: Any) -> int:
     from .cli import format_table
 
     try:
-        table = near_duplicates(args.db, args.head, min_similarity=args.min_similarity,
-                                approximate=args.approximate, neighbours=args.neighbours)
+        table = near_duplicates(args.db, args.head, min_similarity=args.min_similarity)
     except SearchError as exc:
         print(f"taskheads: near-duplicates: {exc}", file=sys.stderr)
         return 2
@@ -248,7 +235,5 @@ def add_commands(sub) -> None:
     n.add_argument("db")
     n.add_argument("--head", required=True, help="the embedding head whose vectors to compare")
     n.add_argument("--min-similarity", type=float, default=0.95, help="cosine similarity threshold (default 0.95)")
-    n.add_argument("--approximate", action="store_true", help="nearest neighbours from an HNSW index (DuckDB vss)")
-    n.add_argument("--neighbours", type=int, default=10, help="with --approximate: neighbours per document")
     n.add_argument("--limit", type=int, default=100, help="pairs to print (0: all; default 100)")
     n.set_defaults(func=cmd_near_duplicates)
