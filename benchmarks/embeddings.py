@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/embeddings.py [--sections embed,search,neardup] [--docs 1000]
         [--sizes 10000,100000] [--queries 50]
 
-embed:   docs/s and tokens/s of the taskheads engine (float32, bfloat16) against sentence-transformers'
+embed:   docs/s and tokens/s of the taskheads engine (float32, bfloat16, int8) against sentence-transformers'
          `encode` at its default batch size (32) and at the best of several, all-MiniLM-L6-v2, the same
          corpus, same process; cosine agreement with sentence-transformers and with float32.
 search:  exact search (DuckDB, `latest_embeddings`, list_cosine_similarity) vs an in-memory HNSW
@@ -75,8 +75,7 @@ def section_embed(report: list[str], n_docs: int, rounds: int) -> None:
     texts = [texts[i] for i in fits]  # documents both tools embed whole (ST would cut the others)
     lengths = [lengths[i] for i in fits]
     tokens = sum(lengths)
-    heads = {"float32": load_head("vec", "embedding", path), "bfloat16": load_head("vec", "embedding", path,
-                                                                                     dtype="bfloat16")}
+    heads = {dtype: load_head("vec", "embedding", path, dtype=dtype) for dtype in ("float32", "bfloat16", "int8")}
     docs = [Doc(str(i), t) for i, t in enumerate(texts)]
 
     def run_head(dtype):
@@ -85,11 +84,9 @@ def section_embed(report: list[str], n_docs: int, rounds: int) -> None:
     def run_st(bs):
         return st.encode(texts, batch_size=bs)
 
-    runners = {"taskheads float32": lambda: run_head("float32"), "taskheads bfloat16": lambda: run_head("bfloat16")}
+    runners = {f"taskheads {dtype}": (lambda d=dtype: run_head(d)) for dtype in heads}
     for bs in (8, 16, 32, 64, 128):
         runners[f"sentence-transformers encode, batch_size={bs}"] = (lambda b=bs: run_st(b))
-    for fn in runners.values():  # warm-up: first calls pay allocator and kernel selection
-        fn() if fn is runners["taskheads float32"] else None
     best: dict[str, float] = {}
     outputs: dict[str, np.ndarray] = {}
     for _ in range(rounds):  # alternate runners each round: outside load hits all of them alike
@@ -105,6 +102,7 @@ def section_embed(report: list[str], n_docs: int, rounds: int) -> None:
 
     st_names = [k for k in runners if k.startswith("sentence")]
     st_best = min(st_names, key=lambda k: best[k])
+    gemm = {str(dt).split(".")[1]: gemm_gflops(dt) for dt in (torch.float32, torch.bfloat16)}
     report.append(f"\n## Embedding throughput (all-MiniLM-L6-v2, {len(texts)} BBC paragraphs that fit 256 tokens, "
                   f"{tokens:,} tokens, median {int(np.median(lengths))}; torch {torch.__version__}, "
                   f"{torch.get_num_threads()} threads; best of {rounds} alternating rounds; load {load()})\n")
@@ -115,7 +113,21 @@ def section_embed(report: list[str], n_docs: int, rounds: int) -> None:
         report.append(f"| {name} | {len(texts) / t:.1f} | {tokens / t:,.0f} | "
                       f"{best['sentence-transformers encode, batch_size=32'] / t:.2f} | {best[st_best] / t:.2f} | "
                       f"{cos(outputs[name], ref).min():.6f} | {cos(outputs[name], f32).min():.6f} |")
-    report.append(f"\nST best batch size here: {st_best.rsplit('=', 1)[1]}.")
+    report.append(f"\nST best batch size here: {st_best.rsplit('=', 1)[1]}. GEMM in this process (1184×384 · "
+                  f"384×1536, MiniLM's FFN at a 4k-token batch): float32 {gemm['float32']:.0f} GFLOP/s, bfloat16 "
+                  f"{gemm['bfloat16']:.0f} GFLOP/s (a CPU without native bf16 emulates it).")
+
+
+def gemm_gflops(dtype, reps: int = 10) -> float:
+    import torch
+
+    a, w, b = (torch.randn(1184, 384, dtype=dtype), torch.randn(1536, 384, dtype=dtype),
+               torch.randn(1536, dtype=dtype))
+    torch.addmm(b, a, w.t())
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        torch.addmm(b, a, w.t())
+    return 2 * 1184 * 384 * 1536 * reps / (time.perf_counter() - t0) / 1e9
 
 
 # --- search ------------------------------------------------------------------------------------------
