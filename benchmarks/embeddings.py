@@ -218,16 +218,16 @@ def section_neardup(report: list[str], sizes: list[int]) -> None:
             copies = rng.integers(0, n, n // 100)  # overwrite 1% of rows with near-copies of others
             con = duckdb.connect(db)
             targets = rng.integers(0, n, len(copies))
-            planted = set()
+            copy_of = {}  # the row each overwritten row is a near-copy of (the last write wins)
             for src, dst in zip(copies, targets):
                 if src == dst or src in targets:  # a source overwritten itself would not be a copy
                     continue
-                planted.add(tuple(sorted((f"d{src:07d}", f"d{dst:07d}"))))
-                v = mat[src] + 0.02 * rng.normal(size=mat.shape[1]).astype(np.float32)
+                copy_of[dst] = src
+                v = mat[src] + 0.005 * rng.normal(size=mat.shape[1]).astype(np.float32)  # cosine ~0.995
                 v /= np.linalg.norm(v)
                 con.execute("UPDATE embeddings SET embedding = ? WHERE doc_id = ?", [v.tolist(), f"d{dst:07d}"])
             con.close()
-            exact_pairs = None
+            planted = {tuple(sorted((f"d{s:07d}", f"d{d:07d}"))) for d, s in copy_of.items()}
             try:
                 from taskheads.vectors import similar_pairs
 

@@ -110,15 +110,22 @@ class EmbeddingHead(Head):
 
     # --- for search: the same vectors for texts given directly (a query) --------------------
     def embed(self, texts: Sequence[str], token_budget: int = 4096) -> np.ndarray:
-        """Document vectors (window = -1 rows) of `texts`, through the engine; raises on a failure."""
+        """Document vectors (the window = -1 rows) of `texts`, through the engine; raises on a failure.
+
+        A per-window head embeds a query as a document too, so it is comparable with each window."""
+        import copy
+
         from .engine import pipe
 
+        head = self
+        if self.p["per_window"]:
+            head = copy.copy(self)  # shares model and tokenizer
+            head.p = {**self.p, "per_window": False}
         out = []
-        for k, r in enumerate(pipe(self, [Doc(str(k), t) for k, t in enumerate(texts)], token_budget=token_budget)):
+        for k, r in enumerate(pipe(head, [Doc(str(k), t) for k, t in enumerate(texts)], token_budget=token_budget)):
             if r.error is not None:
                 raise ValueError(f"heads.{self.name}: cannot embed text {k}: {r.error}")
-            rows = r.rows if not self.p["per_window"] else [_aggregate_rows(r.rows, self.p["normalize"])]
-            out.append(np.asarray(rows[0]["embedding"], dtype=np.float32))
+            out.append(np.asarray(r.rows[0]["embedding"], dtype=np.float32))
         return np.stack(out) if out else np.zeros((0, self.dim), np.float32)
 
 
@@ -150,12 +157,6 @@ def decode_embedding(vectors: np.ndarray, tokens: Sequence[int], normalize: bool
     w = np.asarray(tokens, dtype=np.float64)
     mean = (vectors * w[:, None]).sum(axis=0) / w.sum()
     return [{"window": -1, "dim": dim, "embedding": _finish(mean, normalize), "n_tokens": int(w.sum())}]
-
-
-def _aggregate_rows(rows: list[dict], normalize: bool) -> dict:
-    """A document vector from per-window rows (a per-window head embedding a query)."""
-    vec = np.asarray([r["embedding"] for r in rows], dtype=np.float64)
-    return decode_embedding(vec, [r["n_tokens"] for r in rows], normalize)[0]
 
 
 def _finish(v: np.ndarray, normalize: bool) -> np.ndarray:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from storage.schema import quote
+from storage.schema import UPSTREAM_FIELDS, quote
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -285,8 +285,6 @@ def _check_dependencies(cfg: PipelineConfig) -> None:
     names = {h.name for h in cfg.heads}
     tasks = {h.name: h.task for h in cfg.heads}
     languages = [h.name for h in cfg.heads if h.task == "language"]
-    from storage.schema import UPSTREAM_FIELDS
-
     for h in cfg.heads:
         key = f"heads.{h.name}"
         for ref in where_references(h.where, [o for o in names if o != h.name]):

@@ -162,10 +162,12 @@ def test_long_document_is_windowed_and_token_weighted(minilm):
     (row,) = pipe(head, [Doc("long", text)])[0].rows
     assert len(pieces) > 3 and row["n_tokens"] == sum(counts)
     assert _cos(row["embedding"], expected) >= 0.9999
-    windows = pipe(load_head("vec", "embedding", minilm, params={"per_window": True}), [Doc("long", text)])[0].rows
+    per_window = load_head("vec", "embedding", minilm, params={"per_window": True})
+    windows = pipe(per_window, [Doc("long", text)])[0].rows
     assert [r["window"] for r in windows] == list(range(len(pieces)))
     assert [r["n_tokens"] for r in windows] == counts
     assert all(_cos(r["embedding"], v) >= 0.9999 for r, v in zip(windows, vecs))
+    assert _cos(per_window.embed([text])[0], expected) >= 0.9999  # a query is embedded as a document
 
 
 def test_bfloat16_stays_close_to_float32(minilm):
