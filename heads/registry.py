@@ -14,6 +14,7 @@ HEADS: dict[str, str] = {
     "causal_lm": "heads.causal_lm:CausalLMHead",
     "masked_lm": "heads.masked_lm:MaskedLMHead",
     "language": "heads.language:LanguageHead",
+    "embedding": "heads.embedding:EmbeddingHead",
 }
 
 

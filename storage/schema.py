@@ -55,6 +55,13 @@ RESULT_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("choice", pa.string()), pa.field("score", pa.float64()), pa.field("logit", pa.float64()),
         pa.field("rank", pa.int32()), pa.field("truncated", pa.bool_()),
     ],
+    # a list column (not FLOAT[dim]): heads of different sizes share the table, and it works on every
+    # storage backend; `window` is -1 for a document's vector, 0..n-1 for per-window rows (a reserved
+    # word in SQL: write "window" in queries)
+    "embeddings": [
+        pa.field("window", pa.int32()), pa.field("dim", pa.int32()),
+        pa.field("embedding", pa.list_(pa.float32())), pa.field("n_tokens", pa.int64()),
+    ],
 }
 # What a downstream head's `where` sees of an upstream head: one struct per document, named after the
 # head (`topic.label`, `ner.n`, `english.text`), aggregated over the head's rows `r` of that document.
@@ -101,17 +108,19 @@ def arrow_schema(table: str) -> pa.Schema:
 
 
 _DUCK_TYPES = {pa.string(): "VARCHAR", pa.float64(): "DOUBLE", pa.int32(): "INTEGER", pa.int64(): "BIGINT",
-               pa.bool_(): "BOOLEAN"}
+               pa.bool_(): "BOOLEAN", pa.float32(): "FLOAT"}
 
 
 def _duck_type(t: pa.DataType) -> str:
     if pa.types.is_map(t):
         return f"MAP({_duck_type(t.key_type)}, {_duck_type(t.item_type)})"
+    if pa.types.is_list(t):
+        return f"{_duck_type(t.value_type)}[]"
     return _DUCK_TYPES[t]
 
 
 def _table_ddl(table: str) -> str:
-    cols = ",\n  ".join(f"{f.name} {_duck_type(f.type)}" for f in arrow_schema(table))
+    cols = ",\n  ".join(f"{quote(f.name)} {_duck_type(f.type)}" for f in arrow_schema(table))
     return f"CREATE TABLE IF NOT EXISTS {table} (\n  {cols}\n)"
 
 

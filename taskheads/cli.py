@@ -335,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a file or folder the query may read (e.g. the corpus, for joins); repeatable. "
                      "Nothing else can be opened, and nothing written, attached, installed or set")
     sql.set_defaults(func=cmd_sql)
+    from .vectors import add_commands  # search, near-duplicates
+
+    add_commands(sub)
     return parser
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from storage.sandbox import UnsafeSQL, check_expression
-from storage.schema import HEAD_NAME, quote
+from storage.schema import HEAD_NAME, UPSTREAM_FIELDS, quote
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,7 +39,7 @@ TOP_KEYS = {
     "heads": "table of heads",
 }
 HEAD_KEYS = {
-    "task": "classification | ner | qa | translation | language | masked_lm | causal_lm | multiple_choice",
+    "task": "classification | ner | qa | translation | language | masked_lm | causal_lm | multiple_choice | embedding",
     "model": "local model folder or hub id",
     "revision": "hub revision (branch, tag or commit) passed to from_pretrained",
     "where": "one SQL expression over corpus columns and upstream heads' results (topic.label) routing documents here",
@@ -304,6 +304,10 @@ def _check_dependencies(cfg: PipelineConfig) -> None:
     languages = [h.name for h in cfg.heads if h.task == "language"]
     for h in cfg.heads:
         key = f"heads.{h.name}"
+        for ref in where_references(h.where, [o for o in names if o != h.name]):
+            if cfg.head(ref).table not in UPSTREAM_FIELDS:  # e.g. embeddings: vectors, nothing to route on
+                raise ConfigError(f"{key}.where: head {ref!r} is an {tasks[ref]} head; it exposes no fields "
+                                  f"to route on (depends_on orders heads without reading them)")
         for d in h.depends_on:
             if d not in names or d == h.name:
                 raise ConfigError(f"{key}.depends_on: {d!r} is not another head (heads: {', '.join(sorted(names))})")

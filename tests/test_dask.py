@@ -12,7 +12,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.schema import RESULT_FIELDS
+from storage.schema import RESULT_FIELDS, quote
 from test_dag import ENGLISH, GERMAN
 
 
@@ -24,7 +24,7 @@ def _snapshot(db) -> dict[str, list]:
             cols = [c for (c,) in con.execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
                 [table]).fetchall() if c not in ("run_id", "updated_at", "source_file")]
-            out[table] = sorted(map(repr, con.execute(f"SELECT {', '.join(cols)} FROM {table}").fetchall()))
+            out[table] = sorted(map(repr, con.execute(f"SELECT {', '.join(map(quote, cols))} FROM {table}").fetchall()))
         return out
     finally:
         con.close()
