@@ -23,6 +23,30 @@ from taskheads.faults import injected_failure
 from .base import Doc, DocumentError, Feature, Head, TransientDocumentError
 
 DEFAULT_TOKEN_BUDGET = 4096  # padded tokens per batch; 2k-4k is fastest on CPU (see notes)
+GPU_TOKEN_BUDGET = (8192, 131072)  # bounds of `batch_tokens = "auto"` on CUDA
+
+
+def auto_token_budget(head: Head) -> int:
+    """`batch_tokens = "auto"`: the CPU optimum (4096, measured: benchmarks/README.md) on CPU; on
+    CUDA, a quarter of the device's free memory over the activations one token needs in one layer
+    (hidden states, attention projections, the feed-forward inner layer, in the model's precision),
+    within GPU_TOKEN_BUDGET: big batches keep a GPU busy, the back-off on out-of-memory stays."""
+    model = getattr(head, "model", None)
+    try:
+        device = head.device
+    except Exception:  # a model-free head
+        return DEFAULT_TOKEN_BUDGET
+    if getattr(device, "type", "cpu") != "cuda":
+        return DEFAULT_TOKEN_BUDGET
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    cfg = getattr(model, "config", None)
+    hidden = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", 768))
+    inner = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "encoder_ffn_dim", 4 * hidden))
+    width = next(head.model.parameters()).element_size()
+    per_token = width * (8 * hidden + 2 * inner)
+    return int(min(max(free // 4 // per_token, GPU_TOKEN_BUDGET[0]), GPU_TOKEN_BUDGET[1]))
 
 
 @dataclass
@@ -113,7 +137,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}"[:500]
 
 
-def pipe(head: Head, docs: Sequence[Doc], token_budget: int = DEFAULT_TOKEN_BUDGET,
+def pipe(head: Head, docs: Sequence[Doc], token_budget: int | str = DEFAULT_TOKEN_BUDGET,
          max_batch_size: int = 512, stats: dict | None = None) -> list[DocResult]:
     """Run `head` over `docs`; one DocResult per document, in input order.
 
@@ -121,6 +145,8 @@ def pipe(head: Head, docs: Sequence[Doc], token_budget: int = DEFAULT_TOKEN_BUDG
     a single feature that still does not fit fails its document only. `stats`, when given, receives
     batches, padded and real token counts, OOM back-offs and the final budget.
     """
+    if token_budget == "auto":
+        token_budget = auto_token_budget(head)
     results = [DocResult(doc) for doc in docs]
 
     def fail(r: DocResult, reason: str, stage: str, kind: str) -> None:

@@ -88,7 +88,7 @@ def check_trained(name: str, task: str, model: str, net, info: Mapping[str, Any]
         f"({'; '.join(problems)}; they would be random): {way_out}")
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
 
 
 def quantize_int8(model):
@@ -112,9 +112,14 @@ def resolve_device(device: str = "auto") -> str:
 
 def load_head(name: str, task: str, model: str, revision: str | None = None,
               params: Mapping[str, Any] | None = None, dtype: str = "float32", device: str = "auto",
-              trust_remote_code: bool = False) -> Head:
+              trust_remote_code: bool = False, backend: str = "torch") -> Head:
     """Tokenizer and model of a head; ModelLoadError (UntrainedHeadError when task weights are
-    missing) names the head, before any document is processed."""
+    missing) names the head, before any document is processed.
+
+    A `backend` other than torch (heads/backends) loads the torch model in float32 as the
+    reference, then replaces it by the exported or converted model that passed the parity probe."""
+    from .backends import BackendError, check_backend, resolve_backend, wrap
+
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -122,13 +127,22 @@ def load_head(name: str, task: str, model: str, revision: str | None = None,
     cls = head_class(task)
     if cls.model_class is None:  # a model-free head (e.g. language detection) builds what it needs itself
         return cls(name, None, None, params)
+    problem = check_backend(task, backend, dtype)
+    if problem:
+        raise ModelLoadError(f"heads.{name}.backend: {problem}")
+    backend = resolve_backend(task, backend, dtype)
+    target = resolve_device(device)
+    if dtype == "float16" and not target.startswith("cuda"):
+        raise ModelLoadError(f"heads.{name}.dtype: float16 runs on CUDA only (this head runs on {target}); "
+                             "use float32, bfloat16 or int8 on CPU")
+    load_dtype = dtype if backend == "torch" else "float32"  # the backend applies its own precision
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision and not Path(model).exists():
         kwargs["revision"] = revision
     try:
         tokenizer = AutoTokenizer.from_pretrained(model, use_fast=True, **kwargs)
         with own_load_report():  # mismatched shapes are reported in `info`, not raised, then refused below
-            net, info = cls.model_class.from_pretrained(model, use_safetensors=True, dtype=DTYPES[dtype],
+            net, info = cls.model_class.from_pretrained(model, use_safetensors=True, dtype=DTYPES[load_dtype],
                                                         output_loading_info=True, ignore_mismatched_sizes=True,
                                                         **kwargs)
     except Exception as exc:  # offline without a cached copy, wrong id, no safetensors, wrong head type ...
@@ -138,11 +152,18 @@ def load_head(name: str, task: str, model: str, revision: str | None = None,
     check_trained(name, task, model, net, info)
     if not getattr(tokenizer, "is_fast", False):
         raise ModelLoadError(f"heads.{name}.model: {model!r} has no fast tokenizer (offsets need one)")
-    net.to(resolve_device(device)).eval()
-    if dtype == "int8":
+    net.to(target).eval()
+    if dtype == "int8" and backend == "torch":
         net = quantize_int8(net)
     torch.set_num_threads(int(os.environ.get("TASKHEADS_THREADS", torch.get_num_threads())))
-    return cls(name, net, tokenizer, params)
+    head = cls(name, net, tokenizer, params)
+    head.backend = backend
+    if backend != "torch":
+        try:
+            wrap(head, backend, dtype, model)
+        except BackendError as exc:
+            raise ModelLoadError(f"heads.{name}.backend: {exc}") from exc
+    return head
 
 
 class _ResidentHeads:
@@ -162,7 +183,7 @@ class _ResidentHeads:
         import json
 
         return json.dumps([cfg.name, cfg.task, cfg.model, cfg.revision, dict(cfg.params), cfg.dtype, cfg.device,
-                           cfg.trust_remote_code], sort_keys=True, default=str)
+                           cfg.trust_remote_code, getattr(cfg, "backend", "torch")], sort_keys=True, default=str)
 
     def get(self, cfg, limit: int = 0) -> tuple[Head, threading.Lock]:
         key = self.key(cfg)
@@ -174,7 +195,8 @@ class _ResidentHeads:
                     self.heads.move_to_end(key)
                     return self.heads[key]
             entry = (load_head(cfg.name, cfg.task, cfg.model, revision=cfg.revision, params=cfg.params,
-                               dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code),
+                               dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
+                               backend=getattr(cfg, "backend", "torch")),
                      threading.Lock())
             with self.lock:
                 self.heads[key] = entry
@@ -227,10 +249,17 @@ def model_identity(cfg, head: Head) -> dict:
         folder = Path(cfg.model)
         weights = _sha256_files(list(folder.glob("*.safetensors")) + [folder / "config.json"])
     params = {k: head.p[k] for k in sorted(head.p)}
-    fingerprint = json.dumps([cfg.task, cfg.model, cfg.revision, resolved, weights, params, cfg.dtype],
-                             sort_keys=True, default=str)
+    # --- backend (heads/backends): part of the id only when not torch, so torch ids never change
+    backend = getattr(head, "backend", None) or "torch"
+    parts = [cfg.task, cfg.model, cfg.revision, resolved, weights, params, cfg.dtype]
+    if backend != "torch":
+        parts.append(backend)
+    fingerprint = json.dumps(parts, sort_keys=True, default=str)
+    from .backends import tagged_dtype
+
     return {
         "model_id": hashlib.sha256(fingerprint.encode()).hexdigest()[:16],
         "head": cfg.name, "task": cfg.task, "source": cfg.model, "revision": cfg.revision,
-        "resolved_revision": resolved, "weights_sha256": weights, "params": params, "dtype": cfg.dtype,
+        "resolved_revision": resolved, "weights_sha256": weights, "params": params,
+        "dtype": tagged_dtype(cfg.dtype, backend), "backend": backend,
     }

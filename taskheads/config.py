@@ -46,9 +46,11 @@ HEAD_KEYS = {
     "depends_on": "heads that must run first (heads named in `where` or `input` are added by themselves)",
     "input": "an upstream translation head whose output this head reads instead of the text column",
     "source_lang": "ISO 639-1 code: only documents in this language (lang_column, or a language head)",
-    "dtype": "float32 | bfloat16 | int8 (dynamic quantization of Linear layers, CPU)",
+    "dtype": "float32 | bfloat16 | float16 (CUDA) | int8 (dynamic quantization of Linear layers, CPU)",
     "device": "auto | cpu | cuda | cuda:N",
-    "batch_tokens": "padded-token budget per batch",
+    "batch_tokens": "padded-token budget per batch, or \"auto\" (4096 on CPU, sized to the GPU's memory on CUDA)",
+    "backend": "torch (default) | onnxruntime (encoder heads; extra taskheads[onnx]) | ctranslate2 (translation; "
+               "extra taskheads[ct2]) | auto (the fastest installed for the task)",
     "trust_remote_code": "allow model code from the hub (off by default)",
     "gold_column": "corpus column with the expected output: every run evaluates the head on the labelled rows",
 }
@@ -63,13 +65,14 @@ class HeadConfig:
     where: str | None = None
     dtype: str = "float32"
     device: str = "auto"
-    batch_tokens: int = 4096
+    batch_tokens: int | str = 4096  # or "auto": heads.engine.auto_token_budget
     trust_remote_code: bool = False
     gold_column: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
     depends_on: tuple[str, ...] = ()  # as written; PipelineConfig.upstream() adds the implied ones
     input: str | None = None
     source_lang: str | None = None
+    backend: str = "torch"  # heads/backends: torch | onnxruntime | ctranslate2 | auto
 
     @property
     def is_local(self) -> bool:
@@ -220,13 +223,21 @@ def parse_head(name: str, raw: Any, base: Path) -> HeadConfig:
                            ("source_lang", (str,), "an ISO 639-1 code such as 'de'"),
                            ("depends_on", (list,), "a list of head names"),
                            ("dtype", (str,), "a string"), ("device", (str,), "a string"),
-                           ("batch_tokens", (int,), "an integer"), ("trust_remote_code", (bool,), "true or false")):
+                           ("batch_tokens", (int, str), "an integer or \"auto\""),
+                           ("backend", (str,), "a string"), ("trust_remote_code", (bool,), "true or false")):
         if k in raw:
             _check_type(f"{key}.{k}", raw[k], types, what)
-    if raw.get("dtype", "float32") not in ("float32", "bfloat16", "int8"):
-        raise ConfigError(f"{key}.dtype: must be 'float32', 'bfloat16' or 'int8', not {raw['dtype']!r}")
-    if raw.get("batch_tokens", 4096) < 16:
+    if raw.get("dtype", "float32") not in ("float32", "bfloat16", "float16", "int8"):
+        raise ConfigError(f"{key}.dtype: must be 'float32', 'bfloat16', 'float16' or 'int8', not {raw['dtype']!r}")
+    if isinstance(raw.get("batch_tokens"), str) and raw["batch_tokens"] != "auto":
+        raise ConfigError(f"{key}.batch_tokens: must be an integer or \"auto\", not {raw['batch_tokens']!r}")
+    if isinstance(raw.get("batch_tokens"), int) and raw["batch_tokens"] < 16:
         raise ConfigError(f"{key}.batch_tokens: must be at least 16")
+    from heads.backends import check_backend
+
+    problem = check_backend(task, raw.get("backend", "torch"), raw.get("dtype", "float32"))
+    if problem:
+        raise ConfigError(f"{key}.backend: {problem}")
     if "where" in raw and not raw["where"].strip():
         raise ConfigError(f"{key}.where: empty predicate (leave the key out to route every document)")
     if "where" in raw:
@@ -254,7 +265,7 @@ def parse_head(name: str, raw: Any, base: Path) -> HeadConfig:
                       batch_tokens=raw.get("batch_tokens", 4096),
                       trust_remote_code=raw.get("trust_remote_code", False), gold_column=raw.get("gold_column"),
                       params=params, depends_on=tuple(raw.get("depends_on", ())), input=raw.get("input"),
-                      source_lang=raw.get("source_lang"))
+                      source_lang=raw.get("source_lang"), backend=raw.get("backend", "torch"))
 
 
 def parse_config(raw: Mapping[str, Any], base: Path, source: str | None = None) -> PipelineConfig:
