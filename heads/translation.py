@@ -224,6 +224,10 @@ class TranslationHead(Head):
 
     def forward(self, feats: Sequence[Feature]) -> list[list[int]]:
         batch = self.collate(feats)  # right padding + attention_mask
+        if self.p["num_beams"] == 1 and isinstance(self.model, torch.nn.Module):
+            rows = shrinking_greedy(self.model, batch, self.max_new_tokens, self.eos_ids)
+            if rows is not None:  # finished rows leave the batch: no step is paid for the longest row's sake
+                return [trim_generated(row, self.eos_ids, prompt_len=1) for row in rows]
         with torch.inference_mode():
             out = self.model.generate(**batch, num_beams=self.p["num_beams"], max_new_tokens=self.max_new_tokens,
                                       do_sample=False, num_return_sequences=1)
@@ -240,3 +244,79 @@ class TranslationHead(Head):
 def join_translations(texts: Sequence[str]) -> str:
     """Segment translations in order, each stripped, joined with one space (empty ones skipped)."""
     return " ".join(t.strip() for t in texts if t.strip())
+
+
+# Logits processors whose effect on a row depends on that row alone (its tokens so far, its length):
+# dropping finished rows from the batch leaves them exact. Any other rule: plain generate().
+ROW_LOCAL_PROCESSORS = {"MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor", "RepetitionPenaltyLogitsProcessor",
+                        "NoRepeatNGramLogitsProcessor", "NoBadWordsLogitsProcessor", "SequenceBiasLogitsProcessor",
+                        "ForcedBOSTokenLogitsProcessor", "ForcedEOSTokenLogitsProcessor", "SuppressTokensLogitsProcessor",
+                        "SuppressTokensAtBeginLogitsProcessor", "InfNanRemoveLogitsProcessor"}
+
+
+def _greedy_processors(model, input_ids: torch.Tensor, max_new_tokens: int):
+    """The logits processors `generate()` would apply in greedy search, or None when one is not row-local
+    (or this transformers version prepares them differently)."""
+    import copy
+
+    gc = copy.deepcopy(model.generation_config)
+    gc.update(num_beams=1, do_sample=False, max_new_tokens=max_new_tokens, max_length=1 + max_new_tokens,
+              num_return_sequences=1)
+    if gc.stop_strings or gc.max_time or getattr(gc, "assistant_model", None):
+        return None
+    try:
+        model._prepare_special_tokens(gc, kwargs_has_attention_mask=True, device=input_ids.device)
+        procs = model._get_logits_processor(generation_config=gc, input_ids_seq_length=1, encoder_input_ids=input_ids,
+                                            device=input_ids.device, model_kwargs={})
+    except Exception:  # private API: a changed signature means plain generate()
+        return None
+    if any(type(p).__name__ not in ROW_LOCAL_PROCESSORS for p in procs):
+        return None
+    return procs
+
+
+def shrinking_greedy(model, batch: dict[str, torch.Tensor], max_new_tokens: int, eos_ids) -> list[list[int]] | None:
+    """Greedy decoding of an encoder-decoder batch in which a row leaves the batch when it ends.
+
+    `generate()` keeps computing every row until the longest one ends; here the decoder's cache, the
+    encoder states and the mask of finished rows are dropped at once, so each step costs the rows still
+    running. Each row's computation is the same as in `generate()` (the same processors, argmax, eos):
+    rows equal a document generated alone (tests/test_translation.py). Returns rows as `generate()` does
+    ([decoder start] + tokens, up to and with eos), or None when this model needs plain generate().
+    """
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    start = getattr(model.config, "decoder_start_token_id", None)
+    if start is None or not eos_ids:
+        return None
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    procs = _greedy_processors(model, input_ids, max_new_tokens)
+    if procs is None:
+        return None
+    device = input_ids.device
+    eos = torch.tensor(sorted(eos_ids), device=device)
+    with torch.inference_mode():
+        encoder_states = model.get_encoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        active = torch.arange(input_ids.shape[0], device=device)  # original row of each running row
+        seqs = torch.full((input_ids.shape[0], 1), int(start), dtype=torch.long, device=device)
+        rows: list[list[int] | None] = [None] * input_ids.shape[0]
+        for step in range(max_new_tokens):
+            out = model(encoder_outputs=(encoder_states,), attention_mask=mask, decoder_input_ids=seqs[:, -1:],
+                        past_key_values=cache, use_cache=True)
+            scores = out.logits[:, -1, :].to(copy=True, dtype=torch.float32)
+            nxt = procs(seqs, scores).argmax(dim=-1)
+            seqs = torch.cat([seqs, nxt[:, None]], dim=-1)
+            done = torch.isin(nxt, eos) if step < max_new_tokens - 1 else torch.ones_like(nxt, dtype=torch.bool)
+            if bool(done.any()):
+                for k in torch.nonzero(done).flatten().tolist():
+                    rows[int(active[k])] = seqs[k].tolist()
+                keep = torch.nonzero(~done).flatten()
+                if keep.numel() == 0:
+                    break
+                cache = out.past_key_values
+                cache.batch_select_indices(keep)
+                encoder_states, mask, seqs, active = encoder_states[keep], mask[keep], seqs[keep], active[keep]
+            else:
+                cache = out.past_key_values
+    return [r if r is not None else [int(start)] for r in rows]
