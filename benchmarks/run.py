@@ -1,6 +1,8 @@
 """taskheads benchmark: every ratio is against a baseline measured in the same run, same process.
 
     .venv/bin/python benchmarks/run.py [--docs 600] [--sections roofline,classify,precision,ner,translate,seed,load,e2e,rss]
+    .venv/bin/python benchmarks/run.py --sections backends_short,backends_bbc,backends_translate \
+        --topic-model demo_out/models/topic [--rounds 3]     # backends: every peer side by side
 
 Prints a markdown report. Throughput figures depend on the machine; ratios hold better.
 """
@@ -360,6 +362,197 @@ def section_rss(report, tmp):
     report.append(f"\nGrowth 10k → 100k: {100 * (rss[100_000] / rss[10_000] - 1):.1f}%")
 
 
+# --- backends (issue 17): every peer measured side by side in one run, alternating rounds ----------
+def alternating(runners, rounds: int):
+    """Best time of each runner over `rounds` rounds whose order alternates (outside load evens out);
+    the outputs of each runner's last call are kept for agreement."""
+    best, outs = {}, {}
+    for r in range(rounds):
+        for label, fn in (runners if r % 2 == 0 else runners[::-1]):
+            t0 = time.perf_counter()
+            out = fn()
+            t = time.perf_counter() - t0
+            best[label] = min(best.get(label, float("inf")), t)
+            outs[label] = out
+    return best, outs
+
+
+def _labels(results) -> list[str]:
+    return [r.rows[0]["label"] if r.error is None else None for r in results]
+
+
+def section_backends_classify(report, texts, topic_model, rounds, title, gold=None, chunk=True):
+    """HF pipeline (batch 1 and 32; float32 and torch int8) vs taskheads on torch and ONNX Runtime."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    from heads.base import Doc
+    from heads.engine import pipe
+    from heads.loading import load_head, quantize_int8
+
+    docs = [Doc(str(i), t) for i, t in enumerate(texts)]
+    tok = AutoTokenizer.from_pretrained(topic_model)
+    model = AutoModelForSequenceClassification.from_pretrained(topic_model).eval()
+    id2label = model.config.id2label
+    window = load_head("w", "classification", topic_model).max_length()
+    n_tokens = sum(len(tok(t, truncation=True, max_length=window)["input_ids"]) for t in texts)
+    n_chunk_tokens = None
+    hf32 = pipeline("text-classification", model=model, tokenizer=tok, device=-1)
+    hf8 = pipeline("text-classification", model=quantize_int8(
+        AutoModelForSequenceClassification.from_pretrained(topic_model).eval()), tokenizer=tok, device=-1)
+
+    def hf(p, bs):
+        def run():
+            with torch.inference_mode():
+                return [o["label"] for o in p(texts, batch_size=bs, truncation=True, max_length=window)]
+        return run
+
+    heads = {}
+    for backend, dtype in (("torch", "float32"), ("onnxruntime", "float32"), ("torch", "bfloat16"), ("torch", "int8"),
+                           ("onnxruntime", "int8")):
+        for long_text in (("truncate", "chunk") if chunk else ("truncate",)):
+            heads[(backend, dtype, long_text)] = load_head("t", "classification", topic_model, dtype=dtype,
+                                                           backend=backend, params={"long_text": long_text})
+    chunk_head = heads[("torch", "float32", "chunk")] if chunk else None
+    if chunk:
+        n_chunk_tokens = sum(len(f.input_ids) for d in docs for f in chunk_head.encode(d))
+
+    def ours(head):
+        return lambda: _labels(pipe(head, docs, token_budget=4096))
+
+    runners = [("HF pipeline, batch_size=1, float32", hf(hf32, 1)), ("HF pipeline, batch_size=32, float32", hf(hf32, 32)),
+               ("HF pipeline, batch_size=1, int8 (torch dynamic)", hf(hf8, 1))]
+    for (backend, dtype, long_text), head in heads.items():
+        runners.append((f"taskheads {backend} {dtype}, {long_text}", ours(head)))
+    for h in heads.values():  # warm-up (first-batch allocations, ORT session init)
+        pipe(h, docs[:8])
+    hf(hf32, 8)()
+    best, outs = alternating(runners, rounds)
+    base = best["HF pipeline, batch_size=1, float32"]
+    ref = outs["taskheads torch float32, truncate"]
+    report.append(f"\n## {title}\n")
+    report.append(f"{len(texts)} docs, {n_tokens:,} tokens at equal work (first {window}-token window)"
+                  + (f"; chunk covers {n_chunk_tokens:,} tokens" if n_chunk_tokens else "")
+                  + f"; best of {rounds} alternating rounds\n")
+    cols = "| runner | docs/s | tokens/s | × HF pipeline bs1 fp32 | label agreement vs torch fp32 (truncate) |"
+    if gold:
+        cols += " accuracy vs gold |"
+    report.append(cols)
+    report.append("|---" * (cols.count("|") - 1) + "|")
+    for label, _ in runners:
+        t = best[label]
+        labels = outs[label]
+        if label.startswith("HF"):
+            labels = [id2label.get(int(x.split("_")[-1]), x) if x.startswith("LABEL_") else x for x in labels]
+        agree = np.mean([a == b for a, b in zip(labels, ref)])
+        toks = n_chunk_tokens if label.endswith("chunk") else n_tokens
+        line = (f"| {label} | {len(texts) / t:.1f} | {toks / t:,.0f} | {base / t:.2f} | {100 * agree:.1f}% |")
+        if gold:
+            line += f" {100 * np.mean([a == g for a, g in zip(labels, gold)]):.1f}% |"
+        report.append(line)
+    return best
+
+
+def bbc_test_articles(limit: int | None = None):
+    from taskheads.demo_data import bbc_articles, split_bbc
+
+    rows = [r for r in split_bbc(bbc_articles()) if r["split"] == "test"]
+    return rows[:limit] if limit else rows
+
+
+def _translation_model(tmp: Path):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from taskheads.tiny_models import base_tokenizer
+
+    tok = base_tokenizer(512)
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=tok.vocab_size, d_model=256, encoder_layers=3, decoder_layers=3,
+                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=1024,
+                     decoder_ffn_dim=1024, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                     bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                     decoder_start_token_id=tok.cls_token_id, forced_eos_token_id=None)
+    model = BartForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # make outputs end at varied lengths, like real translations
+        model.final_logits_bias[0, tok.sep_token_id] = 3.0
+    model.save_pretrained(tmp / "mt")
+    tok.save_pretrained(tmp / "mt")
+    return str(tmp / "mt")
+
+
+def section_backends_translate(report, texts, tmp, rounds, n_docs=150, max_new=48):
+    """Naive batched generate vs taskheads torch, CTranslate2 by hand vs the taskheads ctranslate2 backend."""
+    import ctranslate2
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from heads.base import Doc
+    from heads.engine import pipe
+    from heads.loading import load_head
+
+    path = _translation_model(tmp)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSeq2SeqLM.from_pretrained(path).eval()
+    sample = texts[:n_docs]
+    docs = [Doc(str(i), t) for i, t in enumerate(sample)]
+    params = {"max_new_tokens": max_new}
+    ours_torch = load_head("mt", "translation", path, params=params)
+    ct2_heads = {d: load_head("mt", "translation", path, params=params, backend="ctranslate2", dtype=d)
+                 for d in ("float32", "int8")}
+    folder = str(ct2_heads["float32"].model.folder)
+    threads = torch.get_num_threads()
+    by_hand = {d: ctranslate2.Translator(folder, device="cpu", compute_type=d, inter_threads=1, intra_threads=threads)
+               for d in ("float32", "int8")}
+    src_ids = [tok(t, truncation=True, max_length=512)["input_ids"] for t in sample]
+    n_in = sum(len(x) for x in src_ids)
+
+    def naive():  # in corpus order, batches of 32 padded to their longest input
+        out = []
+        for k in range(0, len(sample), 32):
+            enc = tok(sample[k:k + 32], return_tensors="pt", padding=True, truncation=True, max_length=512,
+                      return_token_type_ids=False)
+            with torch.inference_mode():
+                gen = model.generate(**enc, max_new_tokens=max_new, num_beams=1, do_sample=False)
+            out += tok.batch_decode(gen, skip_special_tokens=True)
+        return [o.strip() for o in out]
+
+    def hand(d, **kw):  # tokenize, translate_batch, detokenize: what a user writes
+        def run():
+            res = by_hand[d].translate_batch([tok.convert_ids_to_tokens(x) for x in src_ids], beam_size=1,
+                                             max_decoding_length=max_new, max_input_length=0, **kw)
+            return [tok.decode(tok.convert_tokens_to_ids(r.hypotheses[0]), skip_special_tokens=True).strip()
+                    for r in res]
+        return run
+
+    def ours(head):
+        return lambda: [r.rows[0]["translation"] for r in pipe(head, docs, token_budget=4096)]
+
+    runners = [("naive in-order batched generate (32/batch), torch float32", naive),
+               ("taskheads torch float32", ours(ours_torch))]
+    for d in ("float32", "int8"):
+        runners += [(f"CTranslate2 by hand {d}, max_batch_size=32", hand(d, max_batch_size=32)),
+                    (f"CTranslate2 by hand {d}, 4096-token batches", hand(d, max_batch_size=4096, batch_type="tokens")),
+                    (f"taskheads ctranslate2 {d}", ours(ct2_heads[d]))]
+    pipe(ours_torch, docs[:4])
+    best, outs = alternating(runners, rounds)
+    base = best[runners[0][0]]
+    ref = outs["taskheads torch float32"]
+    n_out = sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in ref)
+    report.append(f"\n## Translation: torch, CTranslate2 by hand, taskheads backends\n")
+    report.append(f"Random BART (d_model 256, 3+3 layers, outputs of varied length), {len(sample)} docs, {n_in:,} "
+                  f"input tokens, ~{n_out:,} output tokens, greedy, max_new_tokens {max_new}; best of {rounds} "
+                  "alternating rounds\n")
+    report.append("| runner | docs/s | input tokens/s | × naive generate | same text as torch float32 |")
+    report.append("|---|---|---|---|---|")
+    for label, _ in runners:
+        t = best[label]
+        same = np.mean([a == b for a, b in zip(outs[label], ref)])
+        report.append(f"| {label} | {len(sample) / t:.1f} | {n_in / t:,.0f} | {base / t:.2f} | {100 * same:.1f}% |")
+    for d in ("float32", "int8"):
+        hand_best = min(best[f"CTranslate2 by hand {d}, max_batch_size=32"],
+                        best[f"CTranslate2 by hand {d}, 4096-token batches"])
+        report.append(f"\ntaskheads ctranslate2 {d} ÷ the faster CTranslate2 by hand: "
+                      f"{hand_best / best[f'taskheads ctranslate2 {d}']:.2f}")
+
+
 class Report(list):
     """Lines of the markdown report, printed as they come (a long run shows progress)."""
 
@@ -373,6 +566,10 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=600)
     ap.add_argument("--e2e-docs", type=int, default=5000)
     ap.add_argument("--sections", default="roofline,classify,precision,ner,translate,seed,load,e2e,rss")
+    ap.add_argument("--topic-model", default=None, help="a trained classification folder (the demo's topic head) "
+                    "for the backends sections; default: MiniLM with a random head")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the backends sections")
+    ap.add_argument("--bbc-docs", type=int, default=0, help="BBC test articles (0: all 445)")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     torch.set_num_threads(int(os.environ.get("TASKHEADS_THREADS", torch.get_num_threads())))
@@ -402,6 +599,16 @@ def main() -> None:
             section_e2e(report, tmp, paths, args.e2e_docs, None)
         if "rss" in sections:
             section_rss(report, tmp)
+        topic = args.topic_model or paths["all-MiniLM-L6-v2"]
+        if "backends_short" in sections:
+            section_backends_classify(report, texts, topic, args.rounds,
+                                      "Backends: short generated documents (topic head)", chunk=False)
+        if "backends_bbc" in sections:
+            arts = bbc_test_articles(args.bbc_docs or None)
+            section_backends_classify(report, [a["text"] for a in arts], topic, args.rounds,
+                                      "Backends: BBC test articles (topic head)", gold=[a["topic"] for a in arts])
+        if "backends_translate" in sections:
+            section_backends_translate(report, texts, tmp, args.rounds)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ class HeadSummary:
     workers: list[str] = field(default_factory=list)  # host:pid of the processes that ran its units
     model_failed: int = 0  # of inferred: failed in encode, forward or decode
     reasons: dict[str, int] = field(default_factory=dict)  # model-stage failure reasons, most common first
+    backend: str = "torch"  # what ran the model (heads/backends); "auto" resolved
+    backend_auto: bool = False  # chosen by `backend = "auto"`
 
 
 @dataclass
@@ -123,6 +125,8 @@ def _plan_heads(cfg, s: RunSummary) -> tuple[dict[str, PlanHead], list[dict]]:
     resolved = {h.name: resolve_model(h, cfg.max_resident_models) for h in cfg.heads}
     for name, (identity, _) in resolved.items():
         s.heads[name].model_id = identity["model_id"]
+        s.heads[name].backend = identity.get("backend", "torch")
+        s.heads[name].backend_auto = cfg.head(name).backend == "auto"
     plans = {h.name: PlanHead(h.name, cfg.routing(h), resolved[h.name][1], resolved[h.name][0]["model_id"],
                               upstream=tuple((u, cfg.head(u).table) for u in cfg.upstream(h)), input=h.input)
              for h in cfg.heads}

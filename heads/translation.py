@@ -192,9 +192,14 @@ class TranslationHead(Head):
 
     # --- tokenizer helpers, also the callables handed to split_segments -------------------
     def input_ids(self, segment_text: str) -> list[int]:
+        last = getattr(self, "_last_ids", None)  # encode asks again for the text split_segments just measured
+        if last is not None and last[0] == segment_text:
+            return list(last[1])
         enc = self.tokenizer(self.p["prefix"] + segment_text, add_special_tokens=True,
                              return_token_type_ids=False, return_attention_mask=False)
-        return list(enc["input_ids"])
+        ids = list(enc["input_ids"])
+        self._last_ids = (segment_text, ids)
+        return list(ids)
 
     def n_tokens(self, segment_text: str) -> int:
         return len(self.input_ids(segment_text))

@@ -30,6 +30,10 @@ def format_summary(s: dict) -> str:
         lines.append(f"{name:<16}{h['task']:<15}" + "".join(f"{h.get(c, 0):>10}" for c in cols)
                      + f"{h['seconds']:>9.1f}")
     for name, h in s["heads"].items():
+        if h.get("backend_auto") or h.get("backend", "torch") != "torch":
+            why = f" (backend = \"auto\": the fastest installed for {h['task']})" if h.get("backend_auto") else ""
+            lines.append(f"{name}: backend {h.get('backend', 'torch')}{why}")
+    for name, h in s["heads"].items():
         if h.get("metrics"):
             shown = ", ".join(f"{k} {v:.3f}" if k != "n" else f"n {v}" for k, v in h["metrics"].items())
             lines.append(f"{name}: against gold: {shown}")

@@ -28,8 +28,11 @@ def query_head(database: str, head: str, model: dict | None = None):
     model = model or current_model(database, head)
     if model["task"] != "embedding":
         raise SearchError(f"head {head!r} is a {model['task']} head, not an embedding head")
+    from heads.backends import split_dtype
+
+    dtype, backend = split_dtype(model["dtype"])  # "float32@onnxruntime": the backend that made the vectors
     cfg = HeadConfig(name=head, task="embedding", model=model["source"], revision=model["revision"],
-                     dtype=model["dtype"], params=model["params"])
+                     dtype=dtype, params=model["params"], backend=backend)
     try:
         loaded = cached_head(cfg)
     except (ModelLoadError, ValueError, OSError) as exc:
