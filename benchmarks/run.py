@@ -381,7 +381,7 @@ def _labels(results) -> list[str]:
     return [r.rows[0]["label"] if r.error is None else None for r in results]
 
 
-def section_backends_classify(report, texts, topic_model, rounds, title, gold=None, chunk=True):
+def section_backends_classify(report, texts, topic_model, rounds, title, gold=None, chunk=True, bf16=True):
     """HF pipeline (batch 1 and 32; float32 and torch int8) vs taskheads on torch and ONNX Runtime."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
@@ -409,6 +409,8 @@ def section_backends_classify(report, texts, topic_model, rounds, title, gold=No
     heads = {}
     for backend, dtype in (("torch", "float32"), ("onnxruntime", "float32"), ("torch", "bfloat16"), ("torch", "int8"),
                            ("onnxruntime", "int8")):
+        if dtype == "bfloat16" and not bf16:  # 8x slower than float32 without native bf16 (AVX2): minutes per round
+            continue
         for long_text in (("truncate", "chunk") if chunk else ("truncate",)):
             heads[(backend, dtype, long_text)] = load_head("t", "classification", topic_model, dtype=dtype,
                                                            backend=backend, params={"long_text": long_text})
@@ -606,7 +608,8 @@ def main() -> None:
         if "backends_bbc" in sections:
             arts = bbc_test_articles(args.bbc_docs or None)
             section_backends_classify(report, [a["text"] for a in arts], topic, args.rounds,
-                                      "Backends: BBC test articles (topic head)", gold=[a["topic"] for a in arts])
+                                      "Backends: BBC test articles (topic head)", gold=[a["topic"] for a in arts],
+                                      bf16=torch.backends.cpu.get_cpu_capability() == "AVX512")
         if "backends_translate" in sections:
             section_backends_translate(report, texts, tmp, args.rounds)
 
