@@ -128,6 +128,9 @@ def pipe(head: Head, docs: Sequence[Doc], token_budget: int = DEFAULT_TOKEN_BUDG
 
     feats: list[Feature] = []
     for i, doc in enumerate(docs):
+        if not isinstance(doc.text, str):  # the reader refuses these; callers of pipe may not
+            fail(results[i], f"text is not a string ({type(doc.text).__name__})", "encode", "terminal")
+            continue
         try:
             doc_feats = head.encode(doc)
         except BaseException as exc:  # a document the tokenizer or head rejects

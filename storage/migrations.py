@@ -11,6 +11,7 @@ Versions:
      evaluations and the later result tables; see tests/fixtures/README.md).
   1  `taskheads_meta`, runs.quarantined, and every table and column of the schema at that time.
   2  failed_docs.kind / attempts / fingerprint; doc_state holds successes only.
+  3  the `embeddings` table.
 
 To change the schema: change `schema.DDL` (what a new database gets) AND append one step to `STEPS`
 that brings version len(STEPS) - 1 to the new shape. SCHEMA_VERSION follows. Steps are frozen once
@@ -71,6 +72,9 @@ STEPS: list[Step] = [
      "UPDATE failed_docs SET attempts = 1, kind = CASE WHEN stage IN ('plan', 'read', 'encode') THEN 'terminal' "
      "ELSE 'transient' END",
      "DELETE FROM doc_state WHERE status = 'failed'"],
+    # 2 -> 3: the embedding head's table
+    ['CREATE TABLE IF NOT EXISTS embeddings ("head" VARCHAR, "doc_id" VARCHAR, "window" INTEGER, "dim" INTEGER, '
+     '"embedding" FLOAT[], "n_tokens" BIGINT, "run_id" VARCHAR, "model_id" VARCHAR)'],
 ]
 SCHEMA_VERSION = len(STEPS)
 
