@@ -309,7 +309,7 @@ def _write_corpus(path: Path, n: int) -> None:
 def _run_cli(cfg: Path, extra_env=None) -> tuple[float, dict, float]:
     env = {**os.environ, **(extra_env or {})}
     t0 = time.perf_counter()
-    code = ("import json, resource, sys; from taskheads.config import load_config; "
+    code = ("import json, resource, sys; from pipeline.config import load_config; "
             "from flows.process_corpus import process_corpus; "
             "s = process_corpus(config_path=sys.argv[1], full=True); "
             "print(json.dumps({'wall': s['wall_seconds'], 'head': s['heads']['topic'], "

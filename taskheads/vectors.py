@@ -23,7 +23,7 @@ def query_head(database: str, head: str, model: dict | None = None):
     from heads.loading import ModelLoadError, RESIDENT, cached_head, model_identity
     from storage.search import SearchError, current_model
 
-    from .config import HeadConfig
+    from pipeline.config import HeadConfig
 
     model = model or current_model(database, head)
     if model["task"] != "embedding":
