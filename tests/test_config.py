@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from taskheads.cli import main
-from taskheads.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config
 
 
 @pytest.fixture()

@@ -10,7 +10,7 @@ from heads.base import Doc
 from heads.engine import pipe
 from heads.language import LanguageHead, best_language
 from heads.loading import load_head, model_identity
-from taskheads.config import ConfigError, HeadConfig, parse_config
+from pipeline.config import ConfigError, HeadConfig, parse_config
 
 SAMPLES = [  # (expected language, text); mixed lengths so batching reorders them
     ("en", "The committee will publish its final report on the new railway line next Thursday morning. " * 6),

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from heads.loading import load_head, model_identity
-from taskheads.config import parse_config
+from pipeline.config import parse_config
 from taskheads.tiny_models import build_bert, build_causal_lm
 
 
