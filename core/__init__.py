@@ -6,6 +6,6 @@
 - `doc`: the row type a head reads; `errors`: the exceptions layers raise to each other;
 - `faults`: test-only fault injection; `metrics`: evaluation metrics; `progress`: run events.
 
-Imports run one way: taskheads (cli, demo, report, server) -> flows -> tasks -> pipeline -> heads /
-storage / training -> core. tests/test_layers.py walks the graph and fails on a cycle.
+Imports run one way: taskheads (cli, demo, report, server) -> flows -> tasks -> pipeline / training ->
+heads / storage -> core. tests/test_layers.py walks the graph and fails on a cycle.
 """

@@ -11,15 +11,15 @@ Versions:
      evaluations and the later result tables; see tests/fixtures/README.md).
   1  `taskheads_meta`, runs.quarantined, and every table and column of the schema at that time.
   2  failed_docs.kind / attempts / fingerprint; doc_state holds successes only.
-  3  the `embeddings` table.
+  3  the `embeddings` table (a step, written before result tables were created by themselves).
 
 Result tables are the heads' (core.tables.ResultTable, handed in as `tables`): a head's new table is
 created IF NOT EXISTS whenever a database is opened for writing, at any version, so a new head needs
 no step. Any other change (a column added to a table, storage's own tables) is a step:
 
-To change the schema: change `schema.CORE_DDL` or a head's table (what a new database gets) AND append
-one step to `STEPS` that brings version len(STEPS) - 1 to the new shape. SCHEMA_VERSION follows. Steps are frozen once
-released: never edit one, append another. A step is a list of SQL statements, or a function of the
+To change the schema: change `schema.CORE_DDL` or a head's table (what a new database gets) AND
+append one step to `STEPS` that brings version len(STEPS) - 1 to the new shape. SCHEMA_VERSION
+follows. Steps are frozen once released: never edit one, append another. A step is a list of SQL statements, or a function of the
 connection for what SQL alone cannot say. tests/test_migrations.py checks that migrating the oldest
 real database gives exactly the tables, columns, types, constraints and views of a new one.
 Migrated tables get added columns at the end: write with column names (INSERT ... BY NAME or a
