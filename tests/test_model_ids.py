@@ -3,7 +3,6 @@ whole corpus is inferred again). The ids below were computed by the code before 
 declarations (issue 14) and must stay exactly these."""
 from __future__ import annotations
 
-from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
