@@ -28,6 +28,8 @@ import torch
 from pydantic import Field
 from transformers import AutoModel
 
+from core.config import DEFAULT_BATCH_TOKENS
+
 from .base import Doc, Feature, Head, HeadParams, ResultTable
 
 POOLING = ("mean", "cls", "max")
@@ -123,7 +125,7 @@ class EmbeddingHead(Head):
         return decode_embedding(vectors, tokens, self.p["normalize"], self.p["per_window"])
 
     # --- for search: the same vectors for texts given directly (a query) --------------------
-    def embed(self, texts: Sequence[str], token_budget: int = 4096) -> np.ndarray:
+    def embed(self, texts: Sequence[str], token_budget: int = DEFAULT_BATCH_TOKENS) -> np.ndarray:
         """Document vectors (the window = -1 rows) of `texts`, through the engine; raises on a failure.
 
         A per-window head embeds a query as a document too, so it is comparable with each window."""
