@@ -18,7 +18,7 @@ import torch
 from heads.base import Doc
 from heads.engine import pipe
 from heads.loading import ModelLoadError, load_head, model_identity
-from taskheads.config import ConfigError, HeadConfig, parse_config
+from pipeline.config import ConfigError, HeadConfig, parse_config
 from taskheads.tiny_models import TOPIC_LABELS, build_bart, build_bert
 
 TEXTS = ["Tony Blair met Microsoft in London on Monday.", "short", "",
@@ -204,8 +204,8 @@ def test_missing_extra_is_a_one_line_config_error(tmp_path, models, monkeypatch)
     ({"task": "classification", "backend": "ctranslate2"}, "ctranslate2 runs translation heads, not classification"),
     ({"task": "classification", "backend": "onnxruntime", "dtype": "bfloat16"},
      "onnxruntime runs dtype float32 / int8, not 'bfloat16'"),
-    ({"task": "classification", "backend": "tensorrt"}, "must be one of torch, onnxruntime, ctranslate2, auto, "
-                                                        "not 'tensorrt'"),
+    ({"task": "classification", "backend": "tensorrt"}, "expected one of 'torch', 'onnxruntime', "
+                                                        "'ctranslate2', 'auto', got str 'tensorrt'"),
 ])
 def test_backend_that_cannot_serve_the_head_is_refused(tmp_path, models, head, problem):
     raw = {"corpus": "c.parquet", "database": "r.duckdb",
