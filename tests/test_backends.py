@@ -166,6 +166,7 @@ def test_ctranslate2_greedy_equals_torch_generate_alone(models):
             from heads.base import trim_generated
             outs.append(trim_generated(row, ref.eos_ids))
         assert r.error is None and r.rows == ref.decode(d, feats, outs)
+    assert [r.rows for r in pipe(ct2, docs)] == [r.rows for r in pipe(ref, docs)]  # and the torch backend
 
 
 @pytest.mark.parametrize("dtype", ["int8"])
