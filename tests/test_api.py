@@ -57,6 +57,15 @@ def rows(db: str, sql: str) -> list[dict]:
         con.close()
 
 
+def arrow_rows(db: str, sql: str) -> list[dict]:
+    """Rows as Arrow gives them (maps as key/value pairs), like `taskheads.results`."""
+    con = duckdb.connect(db, read_only=True)
+    try:
+        return con.sql(sql).to_arrow_table().to_pylist()
+    finally:
+        con.close()
+
+
 def without_run(table_rows) -> list[dict]:
     """Rows minus what differs between two runs of the same config (the run), sorted."""
     drop = {"run_id", "run_started_at"}
@@ -88,20 +97,20 @@ def test_run_a_dict_config_and_read_results_back(project, tiny_models, monkeypat
     assert isinstance(topic, pa.Table) and topic.num_rows == len(TEXTS)
     assert set(topic.column("run_id").to_pylist()) == {summary.run_id}
     cli_db = str(project / "cli.duckdb")
-    assert without_run(topic.to_pylist()) == without_run(rows(cli_db, "SELECT * FROM latest_classifications"))
+    assert without_run(topic.to_pylist()) == without_run(arrow_rows(cli_db, "SELECT * FROM latest_classifications"))
     people = taskheads.results(str(project / "api.duckdb"), "people")
-    assert without_run(people.to_pylist()) == without_run(rows(cli_db, "SELECT * FROM latest_entities"))
+    assert without_run(people.to_pylist()) == without_run(arrow_rows(cli_db, "SELECT * FROM latest_entities"))
     assert people.num_rows > 0
 
 
 def test_run_a_typed_pipeline_object(project, tiny_models, monkeypatch):
     monkeypatch.chdir(project)
     head = taskheads.Head(name="topic", task="classification", model=tiny_models["classification"])
-    pipeline = taskheads.Pipeline(corpus="corpus", database="typed.duckdb", heads=(head,))
+    pipeline = taskheads.Pipeline(corpus="corpus", database="typed.duckdb", unit_docs=4, heads=(head,))
     summary = taskheads.run(pipeline)
     assert summary.status == "completed" and summary.heads["topic"].rows == len(TEXTS)
     assert without_run(taskheads.results(project / "typed.duckdb", "topic").to_pylist()) == \
-        without_run(rows(str(project / "cli.duckdb"), "SELECT * FROM latest_classifications"))
+        without_run(arrow_rows(str(project / "cli.duckdb"), "SELECT * FROM latest_classifications"))
     # a second run of the same object infers nothing (incremental, as from the CLI)
     again = taskheads.run(pipeline)
     assert again.heads["topic"].inferred == 0 and again.heads["topic"].unchanged == len(TEXTS)
@@ -129,7 +138,7 @@ def test_a_bad_dict_config_is_one_line_naming_the_key(project, tiny_models, monk
         taskheads.run(bad)
     assert "\n" not in str(info.value)
     bad = config_dict(tiny_models, "bad.duckdb")
-    bad["heads"]["topic"]["model"] = "no_such_folder/model"
+    bad["heads"]["topic"]["model"] = "./no_such_folder/model"
     with pytest.raises(ConfigError, match=r"heads\.topic\.model: model folder not found"):
         taskheads.run(bad)
     with pytest.raises(TypeError, match="config"):
