@@ -15,15 +15,13 @@ from .api import connect, load_config, results, run
 
 
 def _version() -> str:
+    """The installed distribution's version (read on first access: importlib.metadata costs ~0.1 s)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("taskheads")
     except PackageNotFoundError:  # a source tree that was never installed
         return "0+unknown"
-
-
-__version__ = _version()
 
 # name -> (module, attribute): loaded on first access (they import pydantic, Prefect)
 _LAZY = {"Pipeline": ("pipeline.config", "PipelineConfig"), "Head": ("pipeline.config", "HeadConfig"),
@@ -35,6 +33,9 @@ __all__ = ["run", "load_config", "connect", "results", "search", "Pipeline", "He
 
 
 def __getattr__(name: str):
+    if name == "__version__":
+        globals()[name] = value = _version()
+        return value
     if name in _LAZY:
         import importlib
 
@@ -46,7 +47,7 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | {"__version__"})
 
 
 def search(database, query: str, head: str, k: int = 10, where: str | None = None, approximate: bool = False):

@@ -435,7 +435,7 @@ def _head_params(items: list[str]) -> dict | None:
         try:
             params[key.strip()] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
-            params[key.strip()] = value
+            params[key.strip()] = value.strip()
     return params
 
 

@@ -197,6 +197,20 @@ def test_run_json_with_a_bad_config_prints_nothing_on_stdout(tmp_path, capsys):
     assert out == "" and "config file not found" in err
 
 
+def test_train_params_are_toml_values_and_a_bad_one_is_one_line(tmp_path, capsys):
+    from taskheads.cli import _head_params
+
+    assert _head_params(['questions=["Who?", "Where?"]', "question_column = q", "stride=32"]) == {
+        "questions": ["Who?", "Where?"], "question_column": "q", "stride": 32}
+    train = tmp_path / "rows.parquet"
+    train.write_bytes(b"")
+    status = main(["train", "qa", str(tmp_path), str(tmp_path / "out"), "--train", str(train), "--eval", str(train),
+                   "--param", "questions"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--param 'questions': expected KEY=VALUE" in err
+
+
 # --- train ---------------------------------------------------------------------------------------------
 
 def topic_rows(n: int, seed: int) -> list[dict]:
