@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from core.errors import ConfigError
 from core.progress import emit
-from pipeline.config import load_config
+from pipeline.config import load_config, parse_config
 from pipeline.preflight import preflight
 from storage.db import run_lock
 from storage.plan import PlanHead
@@ -64,9 +66,13 @@ class RunSummary:
 
 
 @flow(name="process-corpus", task_runner=ThreadPoolTaskRunner(max_workers=4))
-def process_corpus(config_path: str, corpus: str | None = None, database: str | None = None,
-                   full: bool = False, retry_failed: bool = False) -> dict:
+def process_corpus(config_path: str | None = None, corpus: str | None = None, database: str | None = None,
+                   full: bool = False, retry_failed: bool = False, config: dict | None = None) -> dict:
     """Run every configured head over the corpus; only new or changed documents unless `full`.
+
+    The config is the TOML file `config_path`, or `config`: the same keys as a dict, relative paths
+    from the working directory (`taskheads.run` passes them resolved; `config_path` then only
+    names the file it came from, if any, for lineage).
 
     Documents that failed before are tried again when the fault was transient (up to
     `max_attempts`), or all of them with `retry_failed`.
@@ -76,7 +82,13 @@ def process_corpus(config_path: str, corpus: str | None = None, database: str | 
     `--runner dask`), and each finished unit is loaded here, by the one process that writes DuckDB.
     """
     started = time.perf_counter()
-    cfg = load_config(config_path).with_overrides(corpus=corpus, database=database)
+    if config is not None:
+        cfg = parse_config(config, Path.cwd(), source=config_path)
+    elif config_path is not None:
+        cfg = load_config(config_path)
+    else:
+        raise ConfigError("process_corpus: needs config_path (a TOML file) or config (a dict)")
+    cfg = cfg.with_overrides(corpus=corpus, database=database)
     preflight(cfg)
     log = get_run_logger()
     run_id = str(flow_run.get_id() or "local")
