@@ -131,3 +131,14 @@ def test_serve_sees_its_live_child_processes_not_zombies_nor_excluded():
             p.kill()
             p.wait()
     assert live.pid not in _children(set())
+
+
+def test_report_without_its_extra_says_which_extra_in_one_line(tmp_path, monkeypatch, capsys):
+    from taskheads.report import main_report
+
+    (tmp_path / "r.duckdb").touch()
+    monkeypatch.setitem(sys.modules, "plotly", None)  # as if the [report] extra were not installed
+    assert main_report(str(tmp_path / "r.duckdb"), str(tmp_path / "r.html")) == 2
+    err = capsys.readouterr().err
+    assert err == "taskheads: report needs the [report] extra (plotly): pip install 'taskheads[report]'\n"
+    assert not (tmp_path / "r.html").exists()
