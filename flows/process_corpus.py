@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -26,7 +27,7 @@ from tasks.inference import infer_unit
 from tasks.load import finish_run, load_shard, recover_staged, start_run
 from tasks.models import register_models, resolve_model
 
-from .artifact import publish_run_artifact
+from .artifact import HeadProgress, publish_run_artifact
 
 
 @dataclass
@@ -65,7 +66,14 @@ class RunSummary:
         return {name: asdict(h) for name, h in self.heads.items()}
 
 
-@flow(name="process-corpus", task_runner=ThreadPoolTaskRunner(max_workers=4))
+def run_name() -> str:
+    """`<config stem>-<UTC time>`: runs of one config read as one series in the Prefect UI."""
+    config = flow_run.parameters.get("config_path")
+    stem = Path(config).stem if isinstance(config, (str, Path)) else "pipeline"
+    return f"{stem}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+
+@flow(name="process-corpus", flow_run_name=run_name, task_runner=ThreadPoolTaskRunner(max_workers=4))
 def process_corpus(config_path: str | None = None, corpus: str | None = None, database: str | None = None,
                    full: bool = False, retry_failed: bool = False, config: dict | None = None) -> dict:
     """Run every configured head over the corpus; only new or changed documents unless `full`.
@@ -145,17 +153,21 @@ def _plan_heads(cfg, s: RunSummary) -> tuple[dict[str, PlanHead], list[dict]]:
 def _run_level(cfg, level, plans, s: RunSummary, staging: str) -> None:
     """Submit every unit of the level's heads, load each as it finishes (in this process)."""
     t0 = time.perf_counter()
-    pending = {}
+    log = get_run_logger()
+    pending, progress = {}, {}
     for h in level:
         hs, plan = s.heads[h.name], plans[h.name]
         hs.routed, hs.unchanged, hs.duplicates = plan.routed, plan.unchanged, plan.duplicates
         hs.retried, hs.skipped_failed = plan.retried, plan.skipped_failed
+        log.info(f"plan {h.name}: {plan.routed} routed, {plan.unchanged} unchanged, {plan.duplicates} duplicates, "
+                 f"{plan.skipped_failed} failed before and skipped; {plan.to_infer} to infer ({plan.retried} retried) "
+                 f"in {len(plan.units)} units" + (f", {plan.conflicts} conflicting ids" if plan.conflicts else ""))
         emit("head_planned", head=h.name, units=len(plan.units), docs=plan.to_infer + plan.conflicts)
-        for unit in plan.units:
-            future = infer_unit.submit(unit, h, cfg.id_column, cfg.text_column, s.run_id, hs.model_id, staging,
-                                       cfg.max_resident_models)
+        progress[h.name] = HeadProgress(h.name, plan.to_infer + plan.conflicts, len(plan.units))
+        for number, unit in enumerate(plan.units, 1):  # task runs read `infer-<head>-<n>` in the UI
+            future = infer_unit.with_options(task_run_name=f"infer-{h.name}-{number}").submit(
+                unit, h, cfg.id_column, cfg.text_column, s.run_id, hs.model_id, staging, cfg.max_resident_models)
             pending[future] = (h, unit)
-    log = get_run_logger()
     for future in as_completed(list(pending)):
         h, unit = pending[future]
         hs = s.heads[h.name]
@@ -168,6 +180,7 @@ def _run_level(cfg, level, plans, s: RunSummary, staging: str) -> None:
             s.file_errors.append(f"{unit.source or unit.path}: {h.name} failed on rows {unit.unit_id} "
                                  f"({type(exc).__name__}: {str(exc).strip()[:200]})")
             emit("unit_done", head=h.name, docs=len(unit.rows) + len(unit.refused), failed=0)
+            progress[h.name].unit_done(len(unit.rows) + len(unit.refused), failed=True)
             continue
         finally:
             hs.seconds = time.perf_counter() - t0  # the head's share of the level: until its last unit
@@ -180,6 +193,7 @@ def _run_level(cfg, level, plans, s: RunSummary, staging: str) -> None:
         if out.worker not in hs.workers:
             hs.workers.append(out.worker)
         emit("unit_done", head=h.name, docs=len(unit.rows) + len(unit.refused), failed=out.failed)
+        progress[h.name].unit_done(len(unit.rows) + len(unit.refused))
 
 
 def _check_heads(level, s: RunSummary) -> None:
