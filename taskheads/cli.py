@@ -153,6 +153,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _checked_config(args)
     if cfg is None:
         return 2
+    if args.runner == "dask":
+        try:
+            import prefect_dask  # noqa: F401  (an optional part of taskheads)
+        except ImportError:
+            print("taskheads: --runner dask needs the [dask] extra (prefect-dask): pip install 'taskheads[dask]'",
+                  file=sys.stderr)
+            return 2
     stdout = sys.stdout
     with ExitStack() as stack:
         if args.json:  # stdout carries the JSON document only: anything printed during the run goes to stderr

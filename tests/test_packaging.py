@@ -142,3 +142,20 @@ def test_report_without_its_extra_says_which_extra_in_one_line(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert err == "taskheads: report needs the [report] extra (plotly): pip install 'taskheads[report]'\n"
     assert not (tmp_path / "r.html").exists()
+
+
+def test_dask_runner_without_its_extra_says_which_extra_before_any_work(tmp_path, tiny_models, monkeypatch, capsys):
+    from taskheads.cli import main
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": [1], "text": ["a document"]}), tmp_path / "docs.parquet")
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(f'corpus = "docs.parquet"\ndatabase = "r.duckdb"\n\n'
+                   f'[heads.topic]\ntask = "classification"\nmodel = "{tiny_models["classification"]}"\n')
+    monkeypatch.setitem(sys.modules, "prefect_dask", None)  # as if the [dask] extra were not installed
+    assert main(["run", str(cfg), "--runner", "dask"]) == 2
+    err = capsys.readouterr().err
+    assert err == "taskheads: --runner dask needs the [dask] extra (prefect-dask): pip install 'taskheads[dask]'\n"
+    assert not (tmp_path / "r.duckdb").exists()
