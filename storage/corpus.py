@@ -33,22 +33,24 @@ def corpus_files(spec: str) -> list[str]:
     its cached export, or as the folder itself when it cannot be loaded (check_files says why)."""
     p = Path(spec)
     # broken links and unreadable files are kept: check_files names them instead of skipping silently
+    files: list[str] = []
+    datasets: list[str] = []  # saved Dataset folders (a DatasetDict's splits), even when missing
     if p.is_file():
-        sources = [str(p)]
+        files = [str(p)]
     elif p.is_dir():
-        sources = [str(f) for f in p.rglob("*.parquet") if f.is_file() or f.is_symlink()]
-        sources += [str(d) for d in dataset_sources(p)]
+        files = [str(f) for f in p.rglob("*.parquet") if f.is_file() or f.is_symlink()]
+        datasets = [str(d) for d in dataset_sources(p)]
     else:
-        sources = []
         for f in globlib.glob(spec, recursive=True):
             if os.path.isfile(f) or os.path.islink(f):
-                sources.append(f)
+                files.append(f)
             elif os.path.isdir(f) and is_saved_dataset(Path(f)):
-                sources += [str(d) for d in dataset_sources(Path(f))]
-    files = [_exported(s) if os.path.isdir(s) else s for s in sorted(dict.fromkeys(sources))]
-    if not files:
-        raise CorpusError(f"corpus {spec!r}: no Parquet files or saved datasets found")
-    return files
+                datasets += [str(d) for d in dataset_sources(Path(f))]
+    folders = set(datasets)
+    out = [_exported(s) if s in folders else s for s in sorted(set(files) | folders)]
+    if not out:
+        raise CorpusError(f"corpus {spec!r}: no Parquet files found (nor saved datasets)")
+    return out
 
 
 def _exported(folder: str) -> str:
@@ -68,7 +70,8 @@ def check_files(files: Sequence[str], required: Sequence[str]) -> tuple[list[str
     good: list[str] = []
     errors: list[str] = []
     for path in files:
-        if os.path.isdir(path):  # a saved dataset whose export failed: load it again for the reason
+        if os.path.isdir(path) or os.path.isfile(os.path.join(os.path.dirname(path), "dataset_dict.json")):
+            # a saved dataset (split) whose export failed: load it again for the reason
             try:
                 path = export(path)
             except DatasetLoadError as exc:
