@@ -100,10 +100,10 @@ def export(folder: str | Path) -> str:
             for batch in ds.with_format("arrow").iter(batch_size=10_000):
                 if writer is None:
                     schema = batch.schema
-                    writer = pq.ParquetWriter(tmp, schema.with_metadata({SOURCE_KEY: str(folder).encode()}))
+                    writer = pq.ParquetWriter(tmp, schema.with_metadata({SOURCE_KEY: os.path.abspath(folder).encode()}))
                 writer.write_table(batch.replace_schema_metadata(None).cast(schema.remove_metadata()))
             if writer is None:  # empty dataset: an empty file with its columns
-                writer = pq.ParquetWriter(tmp, schema.with_metadata({SOURCE_KEY: str(folder).encode()}))
+                writer = pq.ParquetWriter(tmp, schema.with_metadata({SOURCE_KEY: os.path.abspath(folder).encode()}))
         finally:
             if writer is not None:
                 writer.close()

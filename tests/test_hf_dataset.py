@@ -133,3 +133,35 @@ def test_broken_dataset_folder_is_named_and_the_rest_runs(root, reference):
     assert summary["heads"]["topic"]["done"] == 5 and summary["files"] == 3
     done, _ = _results(root, "mixed.duckdb")
     assert done == [r for r in reference[0] if r[0] in {"d0", "d1", "d2", "d3", "d4"}]
+
+
+def test_export_is_cached_by_saved_state_and_broken_folders_are_named(tmp_path, monkeypatch):
+    """No flow: the export is made once per saved state, replaced when re-saved; every kind of broken
+    dataset folder is one line naming it."""
+    from datasets import Dataset, DatasetDict
+
+    from storage.corpus import check_files, corpus_files
+
+    monkeypatch.setenv("TASKHEADS_CACHE", str(tmp_path / "cache"))
+    Dataset.from_list(ROWS[:2]).save_to_disk(str(tmp_path / "c" / "ok"))
+    (first,) = corpus_files(str(tmp_path / "c"))
+    stamp = os.stat(first).st_mtime_ns
+    assert corpus_files(str(tmp_path / "c")) == [first] and os.stat(first).st_mtime_ns == stamp  # reused
+    assert pq.read_table(first).to_pylist() == ROWS[:2]
+    shutil.rmtree(tmp_path / "c" / "ok")
+    Dataset.from_list(ROWS[2:4]).save_to_disk(str(tmp_path / "c" / "ok"))
+    (second,) = corpus_files(str(tmp_path / "c"))
+    assert second != first and not os.path.exists(first)  # the older export of this folder is gone
+    assert pq.read_table(second).to_pylist() == ROWS[2:4]
+
+    bad = tmp_path / "bad"
+    Dataset.from_list(ROWS[:2]).save_to_disk(str(bad / "state"))
+    (bad / "state" / "state.json").write_text("{not json")
+    DatasetDict({"train": Dataset.from_list(ROWS[:2])}).save_to_disk(str(bad / "dict"))
+    (bad / "dict" / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')  # test is missing
+    files = corpus_files(str(bad))
+    good, errors = check_files(files, ["id", "text"])
+    assert [pq.read_table(f).to_pylist() for f in good] == [ROWS[:2]]
+    assert [e.split(": not a loadable saved Hugging Face dataset (")[0] for e in errors] == [
+        str(bad / "dict" / "test"), str(bad / "state")]
+    assert all("\n" not in e and e.endswith(")") for e in errors)
