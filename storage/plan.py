@@ -32,6 +32,7 @@ from core.names import quote
 from core.tables import ResultTable
 
 from .corpus import id_text
+from .saved_dataset import short_name, source_name
 from .sandbox import check_expression, literal_path, sandboxed_connection
 from .schema import upstream_sql
 
@@ -55,7 +56,8 @@ class WorkUnit:
     fingerprints: tuple[str | None, ...]
     # rows refused at planning time: (row, doc_id, reason)
     refused: tuple[tuple[int, str | None, str], ...] = ()
-    # when `path` is a staged input file (translated text): the corpus file and row of each of `rows`
+    # what reports name: the corpus file and row of each of `rows` when `path` is a staged input file
+    # (translated text); the saved dataset folder when `path` is its cached export (rows are its rows)
     source: str | None = None
     source_rows: tuple[int, ...] | None = None
 
@@ -151,7 +153,9 @@ def plan_work(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
             except duckdb.Error as exc:
                 errors.append(f"{path}: cannot be planned ({str(exc).strip().splitlines()[0]})")
         retry = RetryRule(max_attempts, retry_failed or full)
-        plans = {h.name: _plan_head(con, i, h, files, has_state, unit_docs, full, retry) for i, h in enumerate(heads)}
+        sources = [source_name(f) for f in files]  # a saved dataset's export: its folder
+        plans = {h.name: _plan_head(con, i, h, files, sources, has_state, unit_docs, full, retry)
+                 for i, h in enumerate(heads)}
         for h in heads:
             if h.input:
                 _stage_inputs(con, h, plans[h.name], source, id_column, text_column, Path(inputs_dir))
@@ -186,7 +190,7 @@ def _stage_inputs(con, head: PlanHead, plan: HeadPlan, source: str, id_column: s
         position = {r: k for k, r in enumerate(wanted)}
         for u in file_units:
             units.append(WorkUnit(path=str(out), rows=tuple(position[r] for r in u.rows), fingerprints=u.fingerprints,
-                                  refused=u.refused, source=path, source_rows=u.rows))
+                                  refused=u.refused, source=u.source or path, source_rows=u.rows))
     plan.units = units
 
 
@@ -196,7 +200,8 @@ class RetryRule:
     retry_all: bool = False  # --retry-failed / --full: every earlier failure is tried again
 
 
-def _plan_head(con, i: int, head: PlanHead, files: Sequence[str], has_state: bool, unit_docs: int,
+def _plan_head(con, i: int, head: PlanHead, files: Sequence[str], sources: Sequence[str], has_state: bool,
+               unit_docs: int,
                full: bool, retry: RetryRule = RetryRule()) -> HeadPlan:
     if has_state:
         state_join = ("LEFT JOIN results.doc_state d ON d.head = $head AND d.doc_id = s.doc_id AND d.status = 'done' "
@@ -249,7 +254,7 @@ def _plan_head(con, i: int, head: PlanHead, files: Sequence[str], has_state: boo
     for file_no, row, doc_id, fp, kind, first_file, first_row, unchanged in rows:
         if kind == "conflict":
             plan.conflicts += 1
-            reason = (f"duplicate id with different text (first seen in {Path(files[first_file]).name} "
+            reason = (f"duplicate id with different text (first seen in {short_name(files[first_file])} "
                       f"row {first_row})")
             per_file.setdefault(file_no, []).append((row, doc_id, None, reason))
             continue
@@ -259,7 +264,7 @@ def _plan_head(con, i: int, head: PlanHead, files: Sequence[str], has_state: boo
         for k in range(0, len(items), unit_docs):
             chunk = items[k:k + unit_docs]
             plan.units.append(WorkUnit(
-                path=files[file_no],
+                path=files[file_no], source=sources[file_no] if sources[file_no] != files[file_no] else None,
                 rows=tuple(r for r, _, _, reason in chunk if reason is None),
                 fingerprints=tuple(fp for _, _, fp, reason in chunk if reason is None),
                 refused=tuple((r, d, reason) for r, d, _, reason in chunk if reason is not None)))
