@@ -18,11 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from taskheads.faults import injected_failure
+from core.config import DEFAULT_BATCH_TOKENS
+from core.doc import Doc
+from core.errors import DocumentError, TransientDocumentError
+from core.faults import injected_failure
 
-from .base import Doc, DocumentError, Feature, Head, TransientDocumentError
+from .base import Feature, Head
 
-DEFAULT_TOKEN_BUDGET = 4096  # padded tokens per batch; 2k-4k is fastest on CPU (see notes)
+DEFAULT_TOKEN_BUDGET = DEFAULT_BATCH_TOKENS  # padded tokens per batch (a head's batch_tokens)
 
 
 @dataclass

@@ -20,9 +20,10 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from core.names import quote
+
 from .db import connect
 from .sandbox import check_expression, literal_path, lock_down
-from .schema import quote
 
 
 class SearchError(Exception):
@@ -38,7 +39,7 @@ class CorpusRef:
     text_column: str = "text"
 
     def files(self) -> list[str]:
-        from .corpus import CorpusError, corpus_files  # (imports heads.base, hence torch: only when needed)
+        from .corpus import CorpusError, corpus_files
 
         out: list[str] = []
         for spec in self.specs:
