@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import heads.identity as identity
 from heads.identity import IdentityError, file_identity
 from heads.loading import load_head, model_identity
-from taskheads.config import HeadConfig
+from pipeline.config import HeadConfig
 from taskheads.tiny_models import build_bert, build_causal_lm
 
 
