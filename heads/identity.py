@@ -28,6 +28,8 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from core.errors import ModelLoadError
+
 IDENTITY_VERSION = 2
 
 # besides *.safetensors: the files whose content changes what a head outputs
@@ -40,8 +42,9 @@ SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
-class IdentityError(Exception):
-    """The model's files cannot be found or read; the message names the head's key."""
+class IdentityError(ModelLoadError):
+    """The model's files cannot be found or read; the message names the head's key (a model that
+    cannot be identified cannot run: the CLI refuses it like one that cannot load)."""
 
 
 # --- file hashes, cached by path and stat ---------------------------------------------------------
@@ -164,8 +167,8 @@ def model_folder(cfg) -> tuple[Path | None, str | None]:
         folder = Path(snapshot_download(cfg.model, revision=cfg.revision, local_files_only=True))
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise IdentityError(f"heads.{cfg.name}.model: {cfg.model!r} is neither a folder nor in the local "
-                            f"Hugging Face cache ({reason})") from exc
+        raise IdentityError(f"heads.{cfg.name}.model: cannot load {cfg.model!r}: not a folder and not in the "
+                            f"local Hugging Face cache ({reason})") from exc
     return folder, folder.name if _COMMIT.match(folder.name) else None
 
 

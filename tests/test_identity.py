@@ -209,5 +209,5 @@ def test_hub_id_is_read_from_the_local_cache_offline(tiny_models, tmp_path, monk
     assert ident["resolved_revision"] == commit and "model.safetensors" in ident["files"]
     head = load_head("topic", "classification", "acme/tiny-topic", device="cpu")  # from the same snapshot
     assert ident["legacy_model_id"] == v1_model_identity(cfg, head)["model_id"]
-    with pytest.raises(IdentityError, match=r"^heads\.other\.model: 'acme/absent'"):
+    with pytest.raises(IdentityError, match=r"^heads\.other\.model: cannot load 'acme/absent': not a folder"):
         file_identity(HeadConfig(name="other", task="classification", model="acme/absent"))
