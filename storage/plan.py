@@ -262,16 +262,18 @@ def plan_counts(database: str | None, files: Sequence[str], heads: Sequence[Plan
 
 def preview_levels(database: str | None, files: Sequence[str], levels: Sequence[Sequence[PlanHead]], id_column: str,
                    text_column: str, unit_docs: int, full: bool = False, max_attempts: int = 3,
-                   retry_failed: bool = False) -> list[tuple[dict[str, HeadPlan], int, list[str]] | None]:
+                   retry_failed: bool = False, tolerant: bool = False
+                   ) -> list[tuple[dict[str, HeadPlan], int, list[str]] | None]:
     """`plan_counts` of each level against the database as it is (read-only): None for a level below
-    the first whose upstream results cannot be read yet (it is planned once its upstream loads)."""
+    the first whose upstream results cannot be read yet (it is planned once its upstream loads), and
+    with `tolerant` for any level that cannot be planned now (e.g. a database the run will migrate)."""
     out: list = []
     for depth, heads in enumerate(levels):
         try:
             out.append(plan_counts(database, files, heads, id_column, text_column, unit_docs, full, max_attempts,
                                    retry_failed))
         except (RuntimeError, duckdb.Error):
-            if depth == 0:
+            if depth == 0 and not tolerant:
                 raise
             out.append(None)
     return out

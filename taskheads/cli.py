@@ -174,6 +174,9 @@ def _plan_only(cfg, args: argparse.Namespace) -> int:
     except DatabaseBusy as exc:
         print(f"taskheads: {_first_line(exc)}", file=sys.stderr)
         return 1
+    except Exception as exc:  # e.g. a database older than this code: a run migrates it first
+        print(f"taskheads: plan failed: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
+        return 1
     return 0
 
 

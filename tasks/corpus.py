@@ -26,9 +26,10 @@ def preview_corpus(corpus: str, database: str, levels: list[list[PlanHead]], id_
                    unit_docs: int, full: bool, max_attempts: int = 3, retry_failed: bool = False) -> list:
     """Plan every level against the database as it is, reading only (counts, no units): per level
     (files, usable files, plans per head, rows scanned, error lines), or None for a level whose
-    upstream results cannot be read yet (its heads are planned after their upstream loads)."""
+    upstream results cannot be read yet (its heads are planned after their upstream loads) or that
+    cannot be planned before the run migrates the database: those heads load and plan as before."""
     files = corpus_files(corpus)
     good, errors = check_files(files, [id_column, text_column])
     levels_out = preview_levels(database, good, levels, id_column, text_column, unit_docs, full, max_attempts,
-                                retry_failed)
+                                retry_failed, tolerant=True)
     return [None if known is None else (files, good, known[0], known[1], errors + known[2]) for known in levels_out]
