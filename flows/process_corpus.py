@@ -72,9 +72,11 @@ def process_corpus(config_path: str, corpus: str | None = None, database: str | 
     Documents that failed before are tried again when the fault was transient (up to
     `max_attempts`), or all of them with `retry_failed`.
 
-    Heads run level by level (a head after the heads whose results it reads); the units of one level
-    are submitted together, so independent heads run concurrently (on Dask workers with
-    `--runner dask`), and each finished unit is loaded here, by the one process that writes DuckDB.
+    Heads run level by level (a head after the heads whose results it reads); the units of one level's
+    heads are submitted in turns through a window of `max_units_in_flight`, so independent heads run
+    concurrently (on Dask workers with `--runner dask`), and each finished unit is loaded here, by the
+    one process that writes DuckDB. Model ids come from the files: a model loads only for a head that
+    has work (a rerun with nothing to do loads none).
     """
     started = time.perf_counter()
     cfg = load_config(config_path).with_overrides(corpus=corpus, database=database)
