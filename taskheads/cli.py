@@ -153,9 +153,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _checked_config(args)
     if cfg is None:
         return 2
+    if args.plan_only:
+        return _plan_only(cfg, args)
     if args.runner == "dask":
         try:
-            import prefect_dask  # noqa: F401  (an optional part of taskheads)
+            __import__("prefect_dask")  # an optional part of taskheads
         except ImportError:
             print("taskheads: --runner dask needs the [dask] extra (prefect-dask): pip install 'taskheads[dask]'",
                   file=sys.stderr)
@@ -200,6 +202,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary["quarantined"] = [f"(not read: {type(exc).__name__}: {exc})"]
     print(format_summary(summary))
     return status
+
+
+def _plan_only(cfg, args: argparse.Namespace) -> int:
+    """`run --plan-only`: no Prefect flow, no model loaded, the database only read."""
+    from core.errors import DatabaseBusy, ModelLoadError
+    from pipeline.preview import format_preview, preview
+
+    try:
+        print(format_preview(preview(cfg, full=args.full, retry_failed=args.retry_failed)))
+    except (ModelLoadError, ValueError) as exc:
+        print(f"taskheads: config error: {_first_line(exc)}", file=sys.stderr)
+        return 2
+    except DatabaseBusy as exc:
+        print(f"taskheads: {_first_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # e.g. a database older than this code: a run migrates it first
+        print(f"taskheads: plan failed: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -482,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "last run")
     run.add_argument("--retry-failed", action="store_true", help="try again every document that failed before, "
                      "terminal faults and those out of attempts included")
+    run.add_argument("--plan-only", action="store_true", help="print per head the documents routed, unchanged "
+                     "and to infer (with a time estimate from its last run), load no model, write nothing")
     run.add_argument("--runner", choices=("thread", "dask"), default="thread",
                      help="where units run: threads in this process (default) or Dask workers")
     run.add_argument("--address", help="with --runner dask: scheduler address of an existing Dask cluster "
