@@ -153,7 +153,8 @@ def file_hashes(paths: Iterable[Path], legacy: Iterable[Path] = ()) -> tuple[dic
 
 def model_folder(cfg) -> tuple[Path | None, str | None]:
     """(folder holding the model's files, resolved hub commit) for a head config; (None, None) for a
-    model-free head. A hub id is looked up in the local Hugging Face cache only."""
+    model-free head. A hub id is looked up in the local Hugging Face cache (downloaded there first
+    when the hub is reachable and it is not cached yet)."""
     from .registry import head_class
 
     if head_class(cfg.task).model_class is None:
@@ -162,14 +163,29 @@ def model_folder(cfg) -> tuple[Path | None, str | None]:
     if local.is_dir():
         return local, _commit_in_path(local)
     try:
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(cfg.model, revision=cfg.revision, local_files_only=True))
+        folder = _hub_snapshot(cfg.model, cfg.revision)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise IdentityError(f"heads.{cfg.name}.model: cannot load {cfg.model!r}: not a folder and not in the "
                             f"local Hugging Face cache ({reason})") from exc
     return folder, folder.name if _COMMIT.match(folder.name) else None
+
+
+# the files from_pretrained reads (weights as safetensors only), fetched on a hub model's first use
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "1_Pooling/*"]
+
+
+def _hub_snapshot(model: str, revision: str | None) -> Path:
+    """The hub model's folder in the local Hugging Face cache; with network access (HF_HUB_OFFLINE
+    unset) a model not cached yet is downloaded first, as from_pretrained would."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(model, revision=revision, local_files_only=True))
+    except Exception:
+        if constants.HF_HUB_OFFLINE:
+            raise
+    return Path(snapshot_download(model, revision=revision, allow_patterns=HUB_PATTERNS))
 
 
 def _commit_in_path(folder: Path) -> str | None:

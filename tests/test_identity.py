@@ -211,3 +211,28 @@ def test_hub_id_is_read_from_the_local_cache_offline(tiny_models, tmp_path, monk
     assert ident["legacy_model_id"] == v1_model_identity(cfg, head)["model_id"]
     with pytest.raises(IdentityError, match=r"^heads\.other\.model: cannot load 'acme/absent': not a folder"):
         file_identity(HeadConfig(name="other", task="classification", model="acme/absent"))
+
+
+def test_an_uncached_hub_id_is_downloaded_first_when_the_hub_is_reachable(tiny_models, tmp_path, monkeypatch):
+    """Real users pass hub ids: with network access, a model not cached yet is fetched (its config,
+    tokenizer and safetensors files, at the pinned revision) instead of being refused."""
+    import huggingface_hub
+    import huggingface_hub.constants as hub_constants
+
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, local_files_only=False, allow_patterns=None, **kw):
+        calls.append((repo_id, revision, local_files_only, allow_patterns))
+        if local_files_only:
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not in the cache")
+        folder = tmp_path / "hub" / "snapshots" / commit
+        shutil.copytree(tiny_models["classification"], folder)
+        return str(folder)
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    ident = file_identity(HeadConfig(name="topic", task="classification", model="acme/new", revision="v1"))
+    assert ident["resolved_revision"] == commit and "model.safetensors" in ident["files"]
+    assert [c[:3] for c in calls] == [("acme/new", "v1", True), ("acme/new", "v1", False)]
+    assert "*.safetensors" in calls[1][3] and not any(p.endswith((".bin", ".pt")) for p in calls[1][3])
