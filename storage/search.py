@@ -19,6 +19,7 @@ from typing import Sequence
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute below: a bare `import pyarrow` does not load it)
 
 from .db import connect
 from .sandbox import check_expression, literal_path, lock_down
