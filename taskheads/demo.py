@@ -89,10 +89,10 @@ QUERIES = [
     ("Entities per predicted topic: the 4 most mentioned of each type (mentions)",
      "WITH counts AS (SELECT c.label AS topic, e.entity_group AS type, e.text, count(*) AS n "
      "  FROM latest_entities e JOIN latest_classifications c USING (doc_id) "
-     "  WHERE e.head = 'people' AND c.head = 'topic' GROUP BY ALL "
-     "  QUALIFY row_number() OVER (PARTITION BY topic, type ORDER BY n DESC, e.text) <= 4) "
+     "  WHERE e.head = 'people' AND c.head = 'topic' GROUP BY c.label, e.entity_group, e.text "
+     "  QUALIFY row_number() OVER (PARTITION BY c.label, e.entity_group ORDER BY count(*) DESC, e.text) <= 4) "
      "SELECT topic, type, string_agg(text || ' (' || n || ')', ', ' ORDER BY n DESC, text) AS entities "
-     "FROM counts GROUP BY ALL "
+     "FROM counts GROUP BY topic, type "
      "ORDER BY topic, list_position(['PER', 'ORG', 'LOC', 'DATE', 'MONEY'], type)"),
     ("Extractive answers from business articles (most confident first)",
      "SELECT a.doc_id, a.question, a.answer, round(a.score, 3) AS score FROM latest_answers a "
