@@ -137,13 +137,14 @@ def synthetic_db(path: str, n: int, dim: int = 384, seed: int = 0) -> np.ndarray
     import duckdb
     import pyarrow as pa
 
+    from heads.registry import result_tables
     from storage.db import ensure_schema
 
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(max(n // 100, 1), dim)).astype(np.float32)
     mat = centres[rng.integers(0, len(centres), n)] + 0.6 * rng.normal(size=(n, dim)).astype(np.float32)
     mat /= np.linalg.norm(mat, axis=1, keepdims=True)
-    ensure_schema(path)
+    ensure_schema(path, tables=result_tables())
     ids = [f"d{i:07d}" for i in range(n)]
     rows = pa.table({"head": ["vec"] * n, "doc_id": ids, "window": pa.array([-1] * n, pa.int32()),
                      "dim": pa.array([dim] * n, pa.int32()),

@@ -280,19 +280,21 @@ def section_seed_heads(report, texts, tmp):
 
 
 def section_load(report, tmp):
+    from heads.registry import result_tables, table
     from storage import db
     from storage.staging import stage_shard
 
     n = 200_000
     database = str(tmp / "load.duckdb")
-    db.ensure_schema(database)
+    tables = result_tables()
+    db.ensure_schema(database, tables=tables)
     rows = [{"head": "people", "doc_id": str(i // 10), "entity_group": "PER", "text": "Ada Lovelace",
              "start_char": i, "end_char": i + 12, "score": 0.9, "run_id": "r", "model_id": "m"} for i in range(n)]
     covered = [{"doc_id": str(d), "fingerprint": "f", "status": "done"} for d in range(n // 10)]
     staging = tmp / "stage"
     staging.mkdir()
-    manifest = stage_shard(staging, "s1", "people", "entities", "m", rows, [], covered, "r")
-    t = timed(lambda: db.load_shard(database, manifest))
+    manifest = stage_shard(staging, "s1", "people", table("entities"), "m", rows, [], covered, "r")
+    t = timed(lambda: db.load_shard(database, manifest, tables=tables))
     report.append("\n## DuckDB load (one load package, one transaction)\n")
     report.append(f"{n:,} entity rows for {n // 10:,} documents: {n / t:,.0f} rows/s ({t:.2f} s)")
 
@@ -309,7 +311,7 @@ def _write_corpus(path: Path, n: int) -> None:
 def _run_cli(cfg: Path, extra_env=None) -> tuple[float, dict, float]:
     env = {**os.environ, **(extra_env or {})}
     t0 = time.perf_counter()
-    code = ("import json, resource, sys; from taskheads.config import load_config; "
+    code = ("import json, resource, sys; from pipeline.config import load_config; "
             "from flows.process_corpus import process_corpus; "
             "s = process_corpus(config_path=sys.argv[1], full=True); "
             "print(json.dumps({'wall': s['wall_seconds'], 'head': s['heads']['topic'], "

@@ -8,22 +8,23 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from core.progress import emit
+from pipeline.config import load_config
+from pipeline.preflight import preflight
 from storage.db import run_lock
 from storage.plan import PlanHead
 from storage.staging import staging_dir
-from taskheads.config import load_config
-from taskheads.preflight import preflight
-from taskheads.progress import emit
 from tasks.corpus import plan_corpus
 from tasks.evaluate import evaluate_gold
 from tasks.inference import infer_unit
 from tasks.load import finish_run, load_shard, recover_staged, start_run
 from tasks.models import register_models, resolve_model
+
+from .artifact import publish_run_artifact
 
 
 @dataclass
@@ -124,7 +125,7 @@ def _plan_heads(cfg, s: RunSummary) -> tuple[dict[str, PlanHead], list[dict]]:
     for name, (identity, _) in resolved.items():
         s.heads[name].model_id = identity["model_id"]
     plans = {h.name: PlanHead(h.name, cfg.routing(h), resolved[h.name][1], resolved[h.name][0]["model_id"],
-                              upstream=tuple((u, cfg.head(u).table) for u in cfg.upstream(h)), input=h.input)
+                              upstream=tuple((u, cfg.head(u).result_table) for u in cfg.upstream(h)), input=h.input)
              for h in cfg.heads}
     return plans, [identity for identity, _ in resolved.values()]
 
@@ -177,15 +178,3 @@ def _check_heads(level, s: RunSummary) -> None:
         if hs.inferred and hs.model_failed == hs.inferred:
             reason, n = next(iter(hs.reasons.items()), ("unknown", hs.inferred))
             s.file_errors.append(f"{h.name}: all {hs.inferred} documents failed; most common reason ({n}): {reason}")
-
-
-def publish_run_artifact(summary: dict) -> None:
-    """A Markdown summary of the run in the Prefect UI (counts, throughput, labels, failures)."""
-    try:
-        from storage.report_data import run_digest
-        from taskheads.report import run_markdown
-
-        create_markdown_artifact(key="taskheads-run", markdown=run_markdown(summary, run_digest(summary["database"],
-                                 summary["run_id"])), description=f"taskheads run {summary['run_id']}")
-    except Exception as exc:  # the results are loaded; a report problem must not fail the run
-        get_run_logger().warning(f"run artifact not published: {type(exc).__name__}: {exc}")

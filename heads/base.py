@@ -13,15 +13,12 @@ from typing import Any, ClassVar, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
-
-@dataclass(frozen=True)
-class Doc:
-    """One corpus row routed to a head: its id, its text, and the other columns it may need."""
-
-    doc_id: str
-    text: str
-    fields: Mapping[str, Any] = field(default_factory=dict)
+from core.config import HeadParams, explain
+from core.doc import Doc
+from core.errors import DocumentError
+from core.tables import ResultTable
 
 
 @dataclass
@@ -38,51 +35,57 @@ class Feature:
         return len(self.input_ids)
 
 
-class DocumentError(Exception):
-    """A terminal problem with one document (a prompt longer than the model window, text the tokenizer
-    rejects): it goes to `failed_docs` with this reason (kind `terminal`) and is not retried until the
-    text, the model or the head's params change, or `taskheads run --retry-failed`.
-
-    Any exception that is neither this nor `TransientDocumentError` (nor out of memory on one
-    feature) is not the document's fault: it fails the whole unit, loudly."""
-
-
-class TransientDocumentError(Exception):
-    """A passing problem with one document (a timeout, memory pressure): recorded in `failed_docs`
-    (kind `transient`) and retried by later runs, at most `max_attempts` times."""
-
-
 class Head:
-    """Base class of the task heads. Subclasses set the class attributes and the three methods.
+    """Base class of the task heads: a head is one module declaring what it is, next to its code.
 
-    `params` lists the task-specific config keys with their defaults; the config layer rejects
-    any other key, so a typo fails before work starts.
+    - `task`, `model_class` (None: no transformer) and `default_model` (what `model` means when a
+      model-free head leaves it out);
+    - `Params`: its own config keys, typed, with defaults and a docstring each (a `HeadParams` model;
+      cross-key rules as its validators). The config layer, the JSON Schema and the docs read it;
+      `self.p` is the validated dict, defaults included: it is hashed into the model id;
+    - `tables`: the result tables it writes (`ResultTable`: columns, and what a downstream `where`
+      sees); `table` names the one it writes (`table_for` when a param chooses, e.g. a mode);
+    - `encode` / `forward` / `decode`.
+    A new head is that module plus one line in heads/registry.py.
     """
 
     task: ClassVar[str]
     table: ClassVar[str]
+    tables: ClassVar[tuple[ResultTable, ...]]
     model_class: ClassVar[Any]  # e.g. transformers.AutoModelForSequenceClassification; None: no transformer
     default_model: ClassVar[str | None] = None  # what `model` means when a model-free head leaves it out
-    params: ClassVar[Mapping[str, Any]] = {}
+    Params: ClassVar[type[HeadParams]] = HeadParams
+    params: ClassVar[Mapping[str, Any]] = {}  # the defaults of Params (set for each subclass)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.params = {k: f.get_default(call_default_factory=True) for k, f in cls.Params.model_fields.items()}
 
     def __init__(self, name: str, model: Any, tokenizer: Any, params: Mapping[str, Any] | None = None):
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
-        merged = dict(self.params)
-        merged.update(params or {})
-        self.validate_params(merged)
-        self.p = merged
+        self.p = self.validate_params(params or {}, prefix=f"heads.{name}.")
         self.setup()
+
+    @classmethod
+    def validate_params(cls, p: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        """The params with their defaults, checked against `Params` before any model is loaded; a
+        ValueError in one line that starts with the key (`stride: expected an integer >= 0, ...`)."""
+        try:
+            return cls.Params.model_validate(dict(p)).model_dump()
+        except ValidationError as exc:
+            raise ValueError(explain(exc, cls.Params, prefix=prefix, raw=p)) from None
 
     @classmethod
     def table_for(cls, p: Mapping[str, Any]) -> str:
         """The result table a head with these parameters writes (heads with modes override this)."""
         return cls.table
 
-    @classmethod
-    def validate_params(cls, p: Mapping[str, Any]) -> None:
-        """Raise ValueError for bad parameter values; runs before any model is loaded."""
+    @property
+    def result_table(self) -> ResultTable:
+        """The declaration of the table this head writes."""
+        return next(t for t in self.tables if t.name == self.table)
 
     def setup(self) -> None:
         """Derive per-model constants (window size, label map); called once after loading."""

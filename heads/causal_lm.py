@@ -35,24 +35,65 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
+from pydantic import Field, model_validator
 from transformers import AutoModelForCausalLM
 
-from .base import Doc, DocumentError, Feature, Head, trim_generated
+from core.config import Number, ParamError
+
+from .base import Doc, DocumentError, Feature, Head, HeadParams, ResultTable, trim_generated
 
 MODES = ("perplexity", "generate")
 TABLES = {"perplexity": "lm_scores", "generate": "generations"}
 
+# shared with masked_lm (pseudo_perplexity): one row per document, the columns of both kinds of score
+LM_SCORES = ResultTable(
+    "lm_scores",
+    (pa.field("perplexity", pa.float64()), pa.field("mean_nll", pa.float64()),  # causal_lm
+     pa.field("pseudo_perplexity", pa.float64()), pa.field("mean_log_prob", pa.float64()),  # masked_lm
+     pa.field("n_tokens", pa.int64()), pa.field("n_windows", pa.int32())),
+    upstream=("'perplexity': any_value(r.perplexity), 'pseudo_perplexity': any_value(r.pseudo_perplexity), "
+              "'n_tokens': any_value(r.n_tokens)"),
+    doc="one row per document: (pseudo-)perplexity over its tokens")
+GENERATIONS = ResultTable(
+    "generations",
+    (pa.field("prompt_id", pa.int32()), pa.field("text", pa.string()),
+     pa.field("n_new_tokens", pa.int32()), pa.field("finish_reason", pa.string())),
+    upstream="'text': arg_min(r.text, r.prompt_id), 'n': count(r.doc_id)",
+    doc="one row per document and prompt: the generated continuation")
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
+class CausalLMParams(HeadParams):
+    mode: Literal["perplexity", "generate"] = "perplexity"
+    """perplexity -> `lm_scores` | generate -> `generations`"""
+    stride: Annotated[int, Field(ge=0)] = 0
+    """perplexity: window step in tokens (0: half the model window)"""
+    prompt: str = ""
+    """generate: the template, with {text} where the document goes"""
+    max_new_tokens: Annotated[int, Field(ge=1)] = 64
+    """generate: tokens to generate (prompt + this must fit the model window)"""
+    do_sample: bool = False
+    """generate: false = greedy; true samples with temperature / top_p / seed"""
+    temperature: Number(gt=0) = 1.0
+    """generate, sampling: softmax temperature"""
+    top_p: Number(gt=0, le=1) = 1.0
+    """generate, sampling: nucleus mass"""
+    seed: Annotated[int, Field(ge=0)] = 0
+    """generate, sampling: torch seed set before each generate() call"""
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    @model_validator(mode="after")
+    def _prompt_fits_mode(self):
+        if self.mode == "generate" and "{text}" not in self.prompt:
+            raise ParamError("prompt", f"generate mode needs a prompt containing '{{text}}' (where the document "
+                                       f"goes), not {self.prompt!r}")
+        if self.mode == "perplexity" and self.prompt:
+            raise ParamError("prompt", "prompt is only used with mode = 'generate'; perplexity scores the document "
+                                       "alone")
+        return self
 
 
 def perplexity_windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -106,38 +147,9 @@ def combine_windows(window_nlls: Sequence[np.ndarray]) -> dict:
 class CausalLMHead(Head):
     task = "causal_lm"
     table = "lm_scores"  # the instance value is set in setup(): lm_scores | generations
+    tables = (LM_SCORES, GENERATIONS)
     model_class = AutoModelForCausalLM
-    params = {"mode": "perplexity", "stride": 0, "prompt": "", "max_new_tokens": 64, "do_sample": False,
-              "temperature": 1.0, "top_p": 1.0, "seed": 0}
-
-    # --- configuration ------------------------------------------------------------------
-    @classmethod
-    def validate_params(cls, p) -> None:
-        mode = p["mode"]
-        if mode not in MODES:
-            raise ValueError(f"mode must be 'perplexity' or 'generate', not {mode!r}")
-        if not _is_int(p["stride"]) or p["stride"] < 0:
-            raise ValueError(f"stride must be an integer >= 0 (0: half the model window), not {p['stride']!r}")
-        if not _is_int(p["max_new_tokens"]) or p["max_new_tokens"] < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, not {p['max_new_tokens']!r}")
-        prompt = p["prompt"]
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, not {prompt!r}")
-        if mode == "generate" and "{text}" not in prompt:
-            raise ValueError(f"generate mode needs a prompt containing '{{text}}' (where the document goes), "
-                             f"not {prompt!r}")
-        if mode == "perplexity" and prompt:
-            raise ValueError("prompt is only used with mode = 'generate'; perplexity scores the document alone")
-        if not isinstance(p["do_sample"], bool):
-            raise ValueError(f"do_sample must be true or false, not {p['do_sample']!r}")
-        t = p["temperature"]
-        if not _is_number(t) or not math.isfinite(t) or t <= 0:
-            raise ValueError(f"temperature must be a number > 0, not {t!r}")
-        top_p = p["top_p"]
-        if not _is_number(top_p) or not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be a number with 0 < top_p <= 1, not {top_p!r}")
-        if not _is_int(p["seed"]) or p["seed"] < 0:
-            raise ValueError(f"seed must be an integer >= 0, not {p['seed']!r}")
+    Params = CausalLMParams
 
     @classmethod
     def table_for(cls, p) -> str:

@@ -6,26 +6,37 @@ whose probabilities are averaged (`long_text = "chunk"`, `n_chunks` recorded); `
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Annotated, Literal, Sequence
 
 import numpy as np
+import pyarrow as pa
+from pydantic import Field
 from transformers import AutoModelForSequenceClassification
 
-from .base import Doc, Feature, Head, sigmoid, softmax
+from .base import Doc, Feature, Head, HeadParams, ResultTable, sigmoid, softmax
+
+CLASSIFICATIONS = ResultTable(
+    "classifications",
+    (pa.field("label", pa.string()), pa.field("score", pa.float64()),
+     pa.field("scores", pa.map_(pa.string(), pa.float64())),
+     pa.field("n_chunks", pa.int32()), pa.field("long_text", pa.string())),
+    upstream="'label': any_value(r.label), 'score': any_value(r.score), 'scores': any_value(r.scores)",
+    doc="one row per document: the best label, its probability and every label's")
+
+
+class ClassificationParams(HeadParams):
+    long_text: Literal["chunk", "truncate"] = "chunk"
+    """chunk: overlapping windows, probabilities averaged | truncate: the first window only"""
+    stride: Annotated[int, Field(ge=0)] = 64
+    """token overlap between windows"""
 
 
 class ClassificationHead(Head):
     task = "classification"
     table = "classifications"
+    tables = (CLASSIFICATIONS,)
     model_class = AutoModelForSequenceClassification
-    params = {"long_text": "chunk", "stride": 64}
-
-    @classmethod
-    def validate_params(cls, p) -> None:
-        if p["long_text"] not in ("chunk", "truncate"):
-            raise ValueError(f"long_text must be 'chunk' or 'truncate', not {p['long_text']!r}")
-        if p["stride"] < 0:
-            raise ValueError("stride must be >= 0")
+    Params = ClassificationParams
 
     def setup(self) -> None:
         cfg = self.model.config

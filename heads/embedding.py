@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
+from pydantic import Field
 from transformers import AutoModel
 
-from .base import Doc, Feature, Head
+from core.config import DEFAULT_BATCH_TOKENS
+
+from .base import Doc, Feature, Head, HeadParams, ResultTable
 
 POOLING = ("mean", "cls", "max")
 _ST_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
@@ -34,25 +38,37 @@ _ST_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": 
                     "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
 
 
+EMBEDDINGS = ResultTable(
+    "embeddings",
+    # a list column (not FLOAT[dim]): heads of different sizes share the table, and it works on every
+    # storage backend; `window` is -1 for a document's vector, 0..n-1 for per-window rows (a reserved
+    # word in SQL: write "window" in queries)
+    (pa.field("window", pa.int32()), pa.field("dim", pa.int32()),
+     pa.field("embedding", pa.list_(pa.float32())), pa.field("n_tokens", pa.int64())),
+    upstream=None,  # vectors: nothing to route on (depends_on still orders heads)
+    doc="one vector per document (or per window with per_window)")
+
+
+class EmbeddingParams(HeadParams):
+    # "auto" / None / 0: as the model folder declares (see the module docstring)
+    pooling: Literal["auto", "mean", "cls", "max"] = "auto"
+    """auto (as the folder declares; plain folder: mean) | mean | cls | max"""
+    normalize: bool | None = None
+    """L2-normalise the vectors (default: as the folder declares; plain folder: false)"""
+    max_seq_length: Annotated[int, Field(ge=0)] = 0
+    """window in tokens; 0 = the folder's max_seq_length, else the model's limit"""
+    stride: Annotated[int, Field(ge=0)] = 0
+    """token overlap between windows of a long document"""
+    per_window: bool = False
+    """true: one row per window (window 0..n-1) instead of one per document"""
+
+
 class EmbeddingHead(Head):
     task = "embedding"
     table = "embeddings"
+    tables = (EMBEDDINGS,)
     model_class = AutoModel
-    # "auto" / None / 0: as the model folder declares (see the module docstring)
-    params = {"pooling": "auto", "normalize": None, "max_seq_length": 0, "stride": 0, "per_window": False}
-
-    @classmethod
-    def validate_params(cls, p) -> None:
-        if p["pooling"] not in ("auto",) + POOLING:
-            raise ValueError(f"pooling must be 'auto', 'mean', 'cls' or 'max', not {p['pooling']!r}")
-        if p["normalize"] is not None and not isinstance(p["normalize"], bool):
-            raise ValueError(f"normalize must be true or false, not {p['normalize']!r}")
-        if not isinstance(p["max_seq_length"], int) or isinstance(p["max_seq_length"], bool) or p["max_seq_length"] < 0:
-            raise ValueError("max_seq_length must be an integer >= 0 (0: as the model folder declares)")
-        if not isinstance(p["stride"], int) or p["stride"] < 0:
-            raise ValueError("stride must be an integer >= 0")
-        if not isinstance(p["per_window"], bool):
-            raise ValueError("per_window must be true or false")
+    Params = EmbeddingParams
 
     def setup(self) -> None:
         try:
@@ -109,7 +125,7 @@ class EmbeddingHead(Head):
         return decode_embedding(vectors, tokens, self.p["normalize"], self.p["per_window"])
 
     # --- for search: the same vectors for texts given directly (a query) --------------------
-    def embed(self, texts: Sequence[str], token_budget: int = 4096) -> np.ndarray:
+    def embed(self, texts: Sequence[str], token_budget: int = DEFAULT_BATCH_TOKENS) -> np.ndarray:
         """Document vectors (the window = -1 rows) of `texts`, through the engine; raises on a failure.
 
         A per-window head embeds a query as a document too, so it is comparable with each window."""

@@ -18,11 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from taskheads.faults import injected_failure
+from core.config import DEFAULT_BATCH_TOKENS
+from core.doc import Doc
+from core.errors import DocumentError, TransientDocumentError
+from core.faults import injected_failure
 
-from .base import Doc, DocumentError, Feature, Head, TransientDocumentError
+from .base import Feature, Head
 
-DEFAULT_TOKEN_BUDGET = 4096  # padded tokens per batch; 2k-4k is fastest on CPU (see notes)
+DEFAULT_TOKEN_BUDGET = DEFAULT_BATCH_TOKENS  # padded tokens per batch (a head's batch_tokens)
 
 
 @dataclass
@@ -128,6 +131,9 @@ def pipe(head: Head, docs: Sequence[Doc], token_budget: int = DEFAULT_TOKEN_BUDG
 
     feats: list[Feature] = []
     for i, doc in enumerate(docs):
+        if not isinstance(doc.text, str):  # the reader refuses these; callers of pipe may not
+            fail(results[i], f"text is not a string ({type(doc.text).__name__})", "encode", "terminal")
+            continue
         try:
             doc_feats = head.encode(doc)
         except BaseException as exc:  # a document the tokenizer or head rejects

@@ -8,14 +8,17 @@ confidence is still reported), and for a text without letters (confidence 0.0).
 """
 from __future__ import annotations
 
-import math
 from importlib.metadata import version
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
+import pyarrow as pa
 import torch
 from lingua import IsoCode639_1, Language, LanguageDetectorBuilder
+from pydantic import Field, field_validator
 
-from .base import Doc, Feature, Head, unique
+from core.config import Expect, Number
+
+from .base import Doc, Feature, Head, HeadParams, ResultTable, unique
 
 CHARS_PER_TOKEN = 4  # the engine budgets tokens; a character costs lingua about a quarter of a token
 LINGUA_CODES = frozenset(lang.iso_code_639_1.name.lower() for lang in Language.all())
@@ -29,39 +32,47 @@ class TextFeature(Feature):
         return max(1, len(self.meta["text"]) // CHARS_PER_TOKEN)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _codes(languages: Sequence[str]) -> list[str]:
     return unique([c.lower() for c in languages])
+
+
+LANGUAGES = ResultTable(
+    "languages",
+    (pa.field("language", pa.string()),  # ISO 639-1 code; NULL when no language can be told
+     pa.field("confidence", pa.float64()), pa.field("n_chars", pa.int64())),
+    upstream="'language': any_value(r.language), 'confidence': any_value(r.confidence)",
+    doc="one row per document: its most likely language (NULL when it cannot be told)")
+
+
+class LanguageParams(HeadParams):
+    languages: Annotated[list[str], Expect("a list of ISO 639-1 codes")] = []
+    """choose among these ISO 639-1 codes (at least 2; none: every language lingua knows)"""
+    min_confidence: Number(ge=0, le=1) = 0.0
+    """below it `language` is NULL"""
+    max_chars: Annotated[int, Field(ge=1)] = 2000
+    """detect on the first N characters (`n_chars` records how many were used)"""
+    low_accuracy: bool = False
+    """lingua's faster low-accuracy mode"""
+
+    @field_validator("languages")
+    @classmethod
+    def _known(cls, langs: list[str]) -> list[str]:
+        unknown = [c for c in langs if c.lower() not in LINGUA_CODES]
+        if unknown:
+            raise ValueError(f"unknown ISO 639-1 code(s) {', '.join(map(repr, unknown))} "
+                             f"(lingua knows: {', '.join(sorted(LINGUA_CODES))})")
+        if langs and len(_codes(langs)) < 2:
+            raise ValueError(f"must name at least 2 distinct languages (or none for all), not {langs!r}")
+        return langs
 
 
 class LanguageHead(Head):
     task = "language"
     table = "languages"
+    tables = (LANGUAGES,)
     model_class = None
     default_model = "lingua"
-    params = {"languages": [], "min_confidence": 0.0, "max_chars": 2000, "low_accuracy": False}
-
-    @classmethod
-    def validate_params(cls, p) -> None:
-        langs = p["languages"]
-        if not isinstance(langs, (list, tuple)) or not all(isinstance(c, str) for c in langs):
-            raise ValueError(f"languages must be a list of ISO 639-1 codes, not {langs!r}")
-        unknown = [c for c in langs if c.lower() not in LINGUA_CODES]
-        if unknown:
-            raise ValueError(f"languages: unknown ISO 639-1 code(s) {', '.join(map(repr, unknown))} "
-                             f"(lingua knows: {', '.join(sorted(LINGUA_CODES))})")
-        if langs and len(_codes(langs)) < 2:
-            raise ValueError(f"languages must name at least 2 distinct languages (or none for all), not {langs!r}")
-        m = p["min_confidence"]
-        if not isinstance(m, (int, float)) or isinstance(m, bool) or not (math.isfinite(m) and 0 <= m <= 1):
-            raise ValueError(f"min_confidence must be a number between 0 and 1, not {m!r}")
-        if not _is_int(p["max_chars"]) or p["max_chars"] < 1:
-            raise ValueError(f"max_chars must be an integer >= 1, not {p['max_chars']!r}")
-        if not isinstance(p["low_accuracy"], bool):
-            raise ValueError(f"low_accuracy must be true or false, not {p['low_accuracy']!r}")
+    Params = LanguageParams
 
     def setup(self) -> None:
         """Build the detector once; the lingua version goes into the params, hence into the model identity."""

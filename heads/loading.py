@@ -12,15 +12,10 @@ from typing import Any, Mapping
 
 import torch
 
+from core.errors import ModelLoadError, UntrainedHeadError
+
 from .base import Head
 from .registry import head_class
-
-class ModelLoadError(Exception):
-    """A head's model cannot be loaded; the message names the config key."""
-
-
-class UntrainedHeadError(ModelLoadError):
-    """The checkpoint lacks the head's task weights: transformers would fill them at random."""
 
 
 TRAINABLE = ("classification", "ner", "qa")  # the tasks flows/train_head fine-tunes

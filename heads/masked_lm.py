@@ -30,13 +30,16 @@ itself still materialises `[batch, length, vocab]` logits for each batch: with a
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
+from pydantic import Field
 from transformers import AutoModelForMaskedLM
 
-from .base import Doc, DocumentError, Feature, Head
+from .base import Doc, DocumentError, Feature, Head, HeadParams, ResultTable
+from .causal_lm import LM_SCORES
 from .ner import choose_windows, tokenize_windows
 
 MODES = ("fill_mask", "pseudo_perplexity")
@@ -47,23 +50,29 @@ class NoScorableTokensError(DocumentError, ValueError):
     """A document with no token to score in pseudo_perplexity mode."""
 
 
+FILL_MASK = ResultTable(
+    "fill_mask",
+    (pa.field("mask_index", pa.int32()), pa.field("token", pa.string()), pa.field("token_id", pa.int64()),
+     pa.field("score", pa.float64()), pa.field("rank", pa.int32())),
+    upstream="'n': count(r.doc_id)",
+    doc="one row per mask token and candidate: the top_k predictions with their probabilities")
+
+
+class MaskedLMParams(HeadParams):
+    mode: Literal["fill_mask", "pseudo_perplexity"] = "fill_mask"
+    """fill_mask -> `fill_mask` | pseudo_perplexity -> `lm_scores`"""
+    top_k: Annotated[int, Field(ge=1)] = 5
+    """fill_mask: predictions kept per mask"""
+    stride: Annotated[int, Field(ge=0)] = 128
+    """token overlap between windows of a long document"""
+
+
 class MaskedLMHead(Head):
     task = "masked_lm"
     table = "fill_mask"
+    tables = (FILL_MASK, LM_SCORES)
     model_class = AutoModelForMaskedLM
-    params = {"mode": "fill_mask", "top_k": 5, "stride": 128}
-
-    @classmethod
-    def validate_params(cls, p: Mapping[str, Any]) -> None:
-        mode = p["mode"]
-        if not isinstance(mode, str) or mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-        top_k = p["top_k"]
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be an integer >= 1, not {top_k!r}")
-        stride = p["stride"]
-        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
-            raise ValueError(f"stride must be a non-negative integer, not {stride!r}")
+    Params = MaskedLMParams
 
     @classmethod
     def table_for(cls, p) -> str:

@@ -22,13 +22,46 @@ so the pair fits the model window: long documents are never cut silently).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
+from pydantic import Field, model_validator
 from transformers import AutoModelForMultipleChoice
 
-from .base import Doc, DocumentError, Feature, Head, softmax, strings_from_column, unique
+from core.config import Expect, ParamError
+
+from .base import Doc, DocumentError, Feature, Head, HeadParams, ResultTable, softmax, strings_from_column, unique
+
+CHOICES = ResultTable(
+    "choices",
+    (pa.field("choice", pa.string()), pa.field("score", pa.float64()), pa.field("logit", pa.float64()),
+     pa.field("rank", pa.int32()), pa.field("truncated", pa.bool_())),
+    upstream="'choice': arg_max(r.choice, r.score), 'score': max(r.score)",
+    doc="one row per (document, option): softmax score over the document's options and rank (1 = best)")
+
+
+class MultipleChoiceParams(HeadParams):
+    choices: Annotated[list[Annotated[str, Field(pattern=r"\S")]] | None,
+                       Expect("a list of non-empty strings")] = []
+    """options offered for every document"""
+    choices_column: Annotated[str, Field(pattern=r"\S")] | None = None
+    """corpus column with per-document options (a list or a string column)"""
+    prompt: Annotated[str, Expect("a string containing {text}")] = ""
+    """template with {text}: the first segment of each pair (default: the text itself)"""
+
+    @model_validator(mode="after")
+    def _rules(self):
+        choices = self.choices or []
+        if self.prompt and "{text}" not in self.prompt:
+            raise ParamError("prompt", f"prompt must contain the placeholder {{text}}, got {self.prompt!r}")
+        if not choices and not self.choices_column:
+            raise ValueError("the multiple_choice head needs options: set `choices` and/or `choices_column`")
+        if not self.choices_column and len(unique([c.strip() for c in choices])) < 2:
+            raise ParamError("choices", f"choices needs at least 2 distinct options when no choices_column is set, "
+                                        f"got {list(choices)!r}")
+        return self
 
 
 class TooFewChoicesError(DocumentError, ValueError):
@@ -42,33 +75,9 @@ class ChoiceTooLongError(DocumentError, ValueError):
 class MultipleChoiceHead(Head):
     task = "multiple_choice"
     table = "choices"
+    tables = (CHOICES,)
     model_class = AutoModelForMultipleChoice
-    params = {"choices": [], "choices_column": None, "prompt": ""}
-
-    # --- configuration ------------------------------------------------------------------
-    @classmethod
-    def validate_params(cls, p) -> None:
-        choices = p["choices"]
-        if choices is None:
-            choices = []
-        if isinstance(choices, str) or not isinstance(choices, (list, tuple)):
-            raise ValueError(f"choices must be a list of strings, not {choices!r}")
-        for c in choices:
-            if not isinstance(c, str) or not c.strip():
-                raise ValueError(f"choices must be non-empty strings, not {c!r}")
-        column = p["choices_column"]
-        if column is not None and (not isinstance(column, str) or not column.strip()):
-            raise ValueError(f"choices_column must be a column name or null, not {column!r}")
-        prompt = p["prompt"]
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, not {prompt!r}")
-        if prompt and "{text}" not in prompt:
-            raise ValueError(f"prompt must contain the placeholder {{text}}, got {prompt!r}")
-        if not choices and not column:
-            raise ValueError("the multiple_choice head needs options: set `choices` and/or `choices_column`")
-        if not column and len(unique([c.strip() for c in choices])) < 2:
-            raise ValueError(f"choices needs at least 2 distinct options when no choices_column is set, "
-                             f"got {list(choices)!r}")
+    Params = MultipleChoiceParams
 
     def setup(self) -> None:
         self.choices = unique([c.strip() for c in (self.p["choices"] or [])])

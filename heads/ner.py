@@ -16,15 +16,42 @@ are plain functions over numpy arrays and lists, so they can be tested with hand
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Annotated, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
+from pydantic import AfterValidator, Field
 from transformers import AutoModelForTokenClassification
 
-from .base import Doc, DocumentError, Feature, Head
+from core.config import Expect, Unexpected
+
+from .base import Doc, DocumentError, Feature, Head, HeadParams, ResultTable
 
 AGGREGATIONS = ("none", "simple", "first", "average", "max")
 WORD_AGGREGATIONS = ("first", "average", "max")
+
+ENTITIES = ResultTable(
+    "entities",
+    (pa.field("entity_group", pa.string()), pa.field("text", pa.string()),
+     pa.field("start_char", pa.int64()), pa.field("end_char", pa.int64()), pa.field("score", pa.float64())),
+    upstream=("'n': count(r.doc_id), 'groups': list(DISTINCT r.entity_group) FILTER (WHERE r.doc_id IS NOT NULL), "
+              "'texts': list(r.text ORDER BY r.start_char) FILTER (WHERE r.doc_id IS NOT NULL)"),
+    doc="one row per entity: its group, the text slice and character offsets")
+
+
+def _aggregation(value: str) -> str:
+    if value.lower() not in AGGREGATIONS:
+        raise Unexpected(value)
+    return value  # as written: params are hashed into the model id; setup lower-cases it
+
+
+class NerParams(HeadParams):
+    aggregation: Annotated[str, AfterValidator(_aggregation), Expect("one of " + ", ".join(AGGREGATIONS))] = "simple"
+    """none | simple | first | average | max (HF semantics; any case)"""
+    stride: Annotated[int, Field(ge=0)] = 128
+    """token overlap between windows of a long document"""
+    ignore_labels: list[str] = ["O"]
+    """labels that never make an entity"""
 
 
 def tokenize_windows(tokenizer, text: str, window: int, stride: int) -> dict:
@@ -50,20 +77,9 @@ def tokenize_windows(tokenizer, text: str, window: int, stride: int) -> dict:
 class NerHead(Head):
     task = "ner"
     table = "entities"
+    tables = (ENTITIES,)
     model_class = AutoModelForTokenClassification
-    params = {"aggregation": "simple", "stride": 128, "ignore_labels": ["O"]}
-
-    @classmethod
-    def validate_params(cls, p) -> None:
-        agg = p["aggregation"]
-        if not isinstance(agg, str) or agg.lower() not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, not {agg!r}")
-        stride = p["stride"]
-        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
-            raise ValueError(f"stride must be a non-negative integer, not {stride!r}")
-        ignore = p["ignore_labels"]
-        if isinstance(ignore, str) or not all(isinstance(x, str) for x in (ignore or [])):
-            raise ValueError(f"ignore_labels must be a list of label strings, not {ignore!r}")
+    Params = NerParams
 
     def setup(self) -> None:
         self.aggregation = self.p["aggregation"].lower()

@@ -32,12 +32,16 @@ logits, context masks and offsets, so they can be tested with hand-made logits.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 import numpy as np
+import pyarrow as pa
+from pydantic import Field, model_validator
 from transformers import AutoModelForQuestionAnswering
 
-from .base import Doc, DocumentError, Feature, Head, softmax, strings_from_column, unique
+from core.config import Expect, ParamError
+
+from .base import Doc, DocumentError, Feature, Head, HeadParams, ResultTable, softmax, strings_from_column, unique
 
 UNDESIRED_LOGIT = -10000.0  # the value the HF pipeline gives to non-context tokens
 
@@ -46,42 +50,50 @@ class QuestionTooLongError(DocumentError, ValueError):
     """A question that leaves no room for any context token in a model window."""
 
 
+ANSWERS = ResultTable(
+    "answers",
+    (pa.field("question", pa.string()), pa.field("answer", pa.string()),
+     pa.field("start_char", pa.int64()), pa.field("end_char", pa.int64()), pa.field("score", pa.float64()),
+     pa.field("n_windows", pa.int32())),
+    upstream=("'answer': arg_max(r.answer, r.score), 'score': max(r.score), "
+              "'has_answer': coalesce(bool_or(coalesce(r.answer, '') <> ''), false)"),
+    doc="one row per (document, question): the best span, or NULL when no answer wins")
+
+Question = Annotated[str, Field(pattern=r"\S")]  # not blank
+
+
+class QaParams(HeadParams):
+    questions: Annotated[list[Question] | None, Expect("a list of non-empty strings")] = []
+    """questions asked of every document"""
+    question_column: Annotated[str, Field(min_length=1)] | None = None
+    """corpus column with per-document question(s): a string or a list of strings"""
+    max_seq_len: Annotated[int, Field(ge=1)] = 384
+    """window in tokens (question + context), capped to the model's limit"""
+    doc_stride: Annotated[int, Field(ge=1)] = 128
+    """token overlap between windows of a long document"""
+    max_answer_len: Annotated[int, Field(ge=1)] = 15
+    """longest answer span in tokens"""
+    max_question_len: Annotated[int, Field(ge=1)] = 64
+    """named in the error when a question leaves no room for context (questions are never cut)"""
+    allow_no_answer: bool = False
+    """true: NULL answer when the no-answer score wins"""
+
+    @model_validator(mode="after")
+    def _rules(self):
+        if not self.questions and not self.question_column:
+            raise ValueError("the qa head needs questions: set `questions` and/or `question_column`")
+        if self.doc_stride >= self.max_seq_len:
+            raise ParamError("doc_stride", f"doc_stride ({self.doc_stride}) must be smaller than max_seq_len "
+                                           f"({self.max_seq_len})")
+        return self
+
+
 class QuestionAnsweringHead(Head):
     task = "qa"
     table = "answers"
+    tables = (ANSWERS,)
     model_class = AutoModelForQuestionAnswering
-    params = {
-        "questions": [],
-        "question_column": None,
-        "max_seq_len": 384,
-        "doc_stride": 128,
-        "max_answer_len": 15,
-        "max_question_len": 64,
-        "allow_no_answer": False,
-    }
-
-    # --- configuration ------------------------------------------------------------------
-    @classmethod
-    def validate_params(cls, p) -> None:
-        for key in ("max_seq_len", "doc_stride", "max_answer_len", "max_question_len"):
-            value = p[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, not {value!r}")
-        if not isinstance(p["allow_no_answer"], bool):
-            raise ValueError(f"allow_no_answer must be true or false, not {p['allow_no_answer']!r}")
-        questions = p["questions"] or []
-        if isinstance(questions, str) or not isinstance(questions, (list, tuple)):
-            raise ValueError(f"questions must be a list of strings, not {questions!r}")
-        for q in questions:
-            if not isinstance(q, str) or not q.strip():
-                raise ValueError(f"questions must be non-empty strings, not {q!r}")
-        column = p["question_column"]
-        if column is not None and (not isinstance(column, str) or not column):
-            raise ValueError(f"question_column must be a column name or null, not {column!r}")
-        if not questions and not column:
-            raise ValueError("the qa head needs questions: set `questions` and/or `question_column`")
-        if p["doc_stride"] >= p["max_seq_len"]:
-            raise ValueError(f"doc_stride ({p['doc_stride']}) must be smaller than max_seq_len ({p['max_seq_len']})")
+    Params = QaParams
 
     def setup(self) -> None:
         self.questions = unique([q.strip() for q in (self.p["questions"] or [])])

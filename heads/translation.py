@@ -16,12 +16,28 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Annotated, Callable, Sequence
 
+import pyarrow as pa
 import torch
+from pydantic import Field
 from transformers import AutoModelForSeq2SeqLM
 
-from .base import Doc, DocumentError, Feature, Head, trim_generated
+from .base import Doc, DocumentError, Feature, Head, HeadParams, ResultTable, trim_generated
+
+TRANSLATIONS = ResultTable(
+    "translations", (pa.field("translation", pa.string()), pa.field("n_segments", pa.int32())),
+    upstream="'text': any_value(r.translation)",
+    doc="one row per document: its translation (n_segments: sentence groups translated separately)")
+
+
+class TranslationParams(HeadParams):
+    num_beams: Annotated[int, Field(ge=1)] = 1
+    """beam search width (1: greedy)"""
+    max_new_tokens: Annotated[int, Field(ge=1)] = 256
+    """longest output per segment, in tokens (capped by the model's positions)"""
+    prefix: str = ""
+    """text put before every segment, e.g. "translate English to German: " for T5"""
 
 # End of a sentence: ., !, ? or an ellipsis (with closing quotes or brackets) followed by whitespace,
 # CJK full-width sentence ends, or a line break. "3.14" and "e.g.," are not boundaries.
@@ -159,18 +175,9 @@ def _token_windows(text: str, span: tuple[int, int], budget: int, limit: int, n_
 class TranslationHead(Head):
     task = "translation"
     table = "translations"
+    tables = (TRANSLATIONS,)
     model_class = AutoModelForSeq2SeqLM
-    params = {"num_beams": 1, "max_new_tokens": 256, "prefix": ""}
-
-    @classmethod
-    def validate_params(cls, p) -> None:
-        nb, mnt, prefix = p["num_beams"], p["max_new_tokens"], p["prefix"]
-        if isinstance(nb, bool) or not isinstance(nb, int) or nb < 1:
-            raise ValueError(f"num_beams must be an integer >= 1, not {nb!r}")
-        if isinstance(mnt, bool) or not isinstance(mnt, int) or mnt < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, not {mnt!r}")
-        if not isinstance(prefix, str):
-            raise ValueError(f"prefix must be a string, not {prefix!r}")
+    Params = TranslationParams
 
     def setup(self) -> None:
         mnt, prefix = self.p["max_new_tokens"], self.p["prefix"]

@@ -16,7 +16,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from heads.base import Doc
+from core.doc import Doc
+from core.tables import ResultTable
 
 
 class CorpusError(Exception):
@@ -119,14 +120,14 @@ def doc_ids(values: pa.ChunkedArray | pa.Array) -> list[str | None]:
 
 
 def validate_where(schema: pa.Schema, where: str, id_column: str = "id",
-                   upstream: Mapping[str, str] | None = None) -> str | None:
-    """Check a predicate against corpus columns and the upstream heads it reads ({head: result table},
+                   upstream: Mapping[str, ResultTable] | None = None) -> str | None:
+    """Check a predicate against corpus columns and the upstream heads it reads ({head: its result table},
     seen as struct columns named after the heads, as planning sees them, over empty tables);
     returns the problem (not one expression, or DuckDB's error line) or None. Runs sandboxed, on
     empty tables: no file is opened."""
     from .plan import create_upstream, source_sql
     from .sandbox import check_expression, lock_down
-    from .schema import DDL
+    from .schema import ddl
 
     try:
         predicate = check_expression(where)
@@ -138,8 +139,8 @@ def validate_where(schema: pa.Schema, where: str, id_column: str = "id",
         if upstream:
             con.execute("ATTACH ':memory:' AS results")
             con.execute("USE results")
-            for ddl in DDL:
-                con.execute(ddl)
+            for sql in ddl(upstream.values()):
+                con.execute(sql)
             con.execute("USE memory")
             create_upstream(con, upstream)
         lock_down(con)

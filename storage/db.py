@@ -17,10 +17,12 @@ from typing import Any, Callable, Sequence
 
 import duckdb
 
-from . import migrations
-from .migrations import MigrationError, SchemaTooNew  # noqa: F401  (raised from here)
-from taskheads.faults import checkpoint
+from core.errors import DatabaseBusy, SchemaTooNew
+from core.faults import checkpoint
+from core.tables import ResultTable
 
+from . import migrations
+from .migrations import MigrationError  # noqa: F401  (raised from here)
 from .staging import BadPackage, clear_staging, quarantine, read_manifest, remove_shard, staged_manifests
 
 _log = logging.getLogger("taskheads.storage")
@@ -28,10 +30,6 @@ _log = logging.getLogger("taskheads.storage")
 # New database files are written in DuckDB's v1 storage format, which DuckDB 1.x and 2.x both read
 # and write (2.x's own format cannot be opened by 1.x); an existing file keeps its format.
 STORAGE_COMPATIBILITY = "v1.0.0"
-
-
-class DatabaseBusy(Exception):
-    """Another process holds the DuckDB file; transient, worth retrying."""
 
 
 def _now() -> datetime:
@@ -72,11 +70,12 @@ def connect(path: str, read_only: bool = False, wait_seconds: float = 30.0) -> d
     return con
 
 
-def ensure_schema(database: str) -> None:
-    """Create the schema, or migrate an older database to this code's version in one transaction."""
+def ensure_schema(database: str, *, tables: Sequence[ResultTable]) -> None:
+    """Create the schema, or migrate an older database to this code's version in one transaction; the
+    result tables are the heads' declarations (heads.registry.result_tables())."""
     con = connect(database)
     try:
-        migrations.migrate(con, database)
+        migrations.migrate(con, database, tables)
     finally:
         con.close()
 
@@ -106,8 +105,9 @@ def database_id(database: str) -> str:
     return found
 
 
-def start_run(database: str, run_id: str, config_path: str | None, corpus: str) -> None:
-    ensure_schema(database)
+def start_run(database: str, run_id: str, config_path: str | None, corpus: str, *,
+              tables: Sequence[ResultTable]) -> None:
+    ensure_schema(database, tables=tables)
     con = connect(database)
     try:
         con.execute("INSERT INTO runs (run_id, started_at, status, config_path, corpus) VALUES (?, ?, 'running', ?, ?)",
@@ -146,7 +146,8 @@ def run_lock(database: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def recover(database: str, run_id: str, staging: str | None = None, log: Callable[[str], Any] | None = None) -> int:
+def recover(database: str, run_id: str, staging: str | None = None, log: Callable[[str], Any] | None = None, *,
+            tables: Sequence[ResultTable]) -> int:
     """Finish what a killed run left: load its complete packages, drop partial files, mark it.
 
     Called under `run_lock`, so every other staging folder belongs to a dead run. A package that can
@@ -155,7 +156,7 @@ def recover(database: str, run_id: str, staging: str | None = None, log: Callabl
     loaded = 0
     for manifest in staged_manifests(database, staging):
         if Path(manifest).parent.name != run_id:
-            loaded += load_or_quarantine(database, manifest, run_id, log)[0]
+            loaded += load_or_quarantine(database, manifest, run_id, log, tables=tables)[0]
     clear_staging(database, keep_run=run_id, staging=staging)
     con = connect(database)
     try:
@@ -179,9 +180,9 @@ def register_model(database: str, model: dict[str, Any]) -> None:
         con.close()
 
 
-def record_evaluations(database: str, rows: Sequence[dict]) -> None:
+def record_evaluations(database: str, rows: Sequence[dict], *, tables: Sequence[ResultTable]) -> None:
     """Store metrics: {head, model_id, metric, value, n, source, run_id}; replaces the same key."""
-    ensure_schema(database)
+    ensure_schema(database, tables=tables)
     con = connect(database)
     try:
         con.execute("BEGIN TRANSACTION")
@@ -197,16 +198,16 @@ def record_evaluations(database: str, rows: Sequence[dict]) -> None:
         con.close()
 
 
-def load_shard(database: str, manifest_path: str) -> tuple[int, int]:
+def load_shard(database: str, manifest_path: str, *, tables: Sequence[ResultTable]) -> tuple[int, int]:
     """Load one staged package in one transaction; returns (result rows, failed rows) loaded.
 
     Documents that succeeded replace their earlier rows, failures and `doc_state`. A failed attempt
     deletes nothing and leaves `doc_state` (the last success) alone: it only replaces the document's
     `failed_docs` row, counting `attempts` up while text and model stay the same. The package is
     recorded in `loaded_shards`; a package already recorded is skipped, so loading twice (a retry, a
-    recovery after a crash) changes nothing.
+    recovery after a crash) changes nothing. `tables`: the result tables a package may name.
     """
-    manifest, parts = read_manifest(manifest_path)
+    manifest, parts = read_manifest(manifest_path, tables)
     table, head = manifest["table"], manifest["head"]
     con = connect(database)
     try:
@@ -257,13 +258,14 @@ _UNLOADABLE = (duckdb.BinderException, duckdb.ConversionException, duckdb.Catalo
 
 
 def load_or_quarantine(database: str, manifest_path: str, run_id: str | None = None,
-                       log: Callable[[str], Any] | None = None) -> tuple[int, int, str | None]:
+                       log: Callable[[str], Any] | None = None, *,
+                       tables: Sequence[ResultTable]) -> tuple[int, int, str | None]:
     """`load_shard`, except that a package that can never load is quarantined: moved to
     `<staging root>/quarantine/<shard>/` with its reason, recorded in `runs.quarantined` of `run_id`
     (default: the run whose folder holds the package) and logged. Returns (result rows, failed rows,
     the quarantine entry or None). Transient errors (busy database, I/O) are raised, not quarantined."""
     try:
-        return (*load_shard(database, manifest_path), None)
+        return (*load_shard(database, manifest_path, tables=tables), None)
     except BadPackage as exc:
         reason = str(exc)
     except _UNLOADABLE as exc:

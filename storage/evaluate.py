@@ -11,11 +11,11 @@ from typing import Sequence
 
 import duckdb
 
-from training.metrics import accuracy, macro_f1
+from core.metrics import accuracy, macro_f1
+from core.names import quote
 
 from .corpus import id_text
 from .sandbox import literal_path, sandboxed_connection
-from .schema import quote
 
 GOLD_TASKS = {"classification"}
 

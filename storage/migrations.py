@@ -11,10 +11,15 @@ Versions:
      evaluations and the later result tables; see tests/fixtures/README.md).
   1  `taskheads_meta`, runs.quarantined, and every table and column of the schema at that time.
   2  failed_docs.kind / attempts / fingerprint; doc_state holds successes only.
+  3  the `embeddings` table (a step, written before result tables were created by themselves).
 
-To change the schema: change `schema.DDL` (what a new database gets) AND append one step to `STEPS`
-that brings version len(STEPS) - 1 to the new shape. SCHEMA_VERSION follows. Steps are frozen once
-released: never edit one, append another. A step is a list of SQL statements, or a function of the
+Result tables are the heads' (core.tables.ResultTable, handed in as `tables`): a head's new table is
+created IF NOT EXISTS whenever a database is opened for writing, at any version, so a new head needs
+no step. Any other change (a column added to a table, storage's own tables) is a step:
+
+To change the schema: change `schema.CORE_DDL` or a head's table (what a new database gets) AND
+append one step to `STEPS` that brings version len(STEPS) - 1 to the new shape. SCHEMA_VERSION
+follows. Steps are frozen once released: never edit one, append another. A step is a list of SQL statements, or a function of the
 connection for what SQL alone cannot say. tests/test_migrations.py checks that migrating the oldest
 real database gives exactly the tables, columns, types, constraints and views of a new one.
 Migrated tables get added columns at the end: write with column names (INSERT ... BY NAME or a
@@ -24,11 +29,14 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
-from typing import Callable, Union
+from typing import Callable, Sequence, Union
 
 import duckdb
 
-from .schema import DDL, META_TABLE
+from core.errors import SchemaTooNew
+from core.tables import ResultTable
+
+from .schema import META_TABLE, ddl, result_ddl
 from .views import create_views
 
 Step = Union[list[str], Callable[[duckdb.DuckDBPyConnection], None]]
@@ -71,15 +79,14 @@ STEPS: list[Step] = [
      "UPDATE failed_docs SET attempts = 1, kind = CASE WHEN stage IN ('plan', 'read', 'encode') THEN 'terminal' "
      "ELSE 'transient' END",
      "DELETE FROM doc_state WHERE status = 'failed'"],
+    # 2 -> 3: the embedding head's table
+    ['CREATE TABLE IF NOT EXISTS embeddings ("head" VARCHAR, "doc_id" VARCHAR, "window" INTEGER, "dim" INTEGER, '
+     '"embedding" FLOAT[], "n_tokens" BIGINT, "run_id" VARCHAR, "model_id" VARCHAR)'],
 ]
 SCHEMA_VERSION = len(STEPS)
 
 # tables every release wrote: one of them in a database without `taskheads_meta` means version 0
 _PRE_VERSIONING_TABLES = ("runs", "loaded_shards", "failed_docs")
-
-
-class SchemaTooNew(Exception):
-    """The database was written by a newer taskheads (or DuckDB) than this one; never touch it."""
 
 
 class MigrationError(Exception):
@@ -126,30 +133,29 @@ def _apply(con: duckdb.DuckDBPyConnection, step: Step) -> None:
             con.execute(sql)
 
 
-def migrate(con: duckdb.DuckDBPyConnection, path: str) -> int | None:
-    """Bring the database to SCHEMA_VERSION in one transaction (a new one gets `schema.DDL`) and
-    (re)create the views; returns the version it had (None: it was new)."""
+def migrate(con: duckdb.DuckDBPyConnection, path: str, tables: Sequence[ResultTable]) -> int | None:
+    """Bring the database to SCHEMA_VERSION in one transaction (a new one gets `schema.ddl`), create the
+    result tables it lacks and (re)create the views; returns the version it had (None: it was new)."""
     version = stored_version(con, path)
     if version is not None and version > SCHEMA_VERSION:
         raise too_new(path, version)
-    if version == SCHEMA_VERSION:
-        create_views(con)  # views follow the code, not the schema version
-        return version
     now = datetime.now(timezone.utc).isoformat()
     at = version
     con.execute("BEGIN TRANSACTION")
     try:
         if version is None:
-            for ddl in DDL:
-                con.execute(ddl)
+            for sql in ddl(tables):
+                con.execute(sql)
             _set(con, schema_version=SCHEMA_VERSION, database_id=uuid.uuid4(), created_at=now)
-        else:
+        elif version < SCHEMA_VERSION:
             for at in range(version, SCHEMA_VERSION):
                 _apply(con, STEPS[at])
             known = con.execute(f"SELECT value FROM {META_TABLE} WHERE key = 'database_id'").fetchone()
             _set(con, schema_version=SCHEMA_VERSION, database_id=known[0] if known else uuid.uuid4(),
                  migrated_from=version, migrated_at=now)
-        create_views(con)
+        for sql in result_ddl(tables):  # a head added since the database was made: its table
+            con.execute(sql)
+        create_views(con, tables)  # views follow the code, not the schema version
         con.execute("COMMIT")
     except BaseException as exc:
         con.execute("ROLLBACK")
@@ -158,6 +164,9 @@ def migrate(con: duckdb.DuckDBPyConnection, path: str) -> int | None:
         detail = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
         if version is None:
             raise MigrationError(f"{path}: creating the schema failed ({detail}); database unchanged") from exc
+        if version == SCHEMA_VERSION:
+            raise MigrationError(f"{path}: adding result tables or views failed ({detail}); database "
+                                 "unchanged") from exc
         raise MigrationError(f"{path}: schema migration failed at version {at} -> {at + 1} ({detail}); "
                              f"database unchanged (still version {version})") from exc
     return version

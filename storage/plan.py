@@ -8,7 +8,7 @@ already holds, per head, and from which model): only new or changed documents ar
 a later one with different text is reported, a later identical one is skipped.
 
 Heads that read upstream heads' results (`where = "topic.label = 'business'"`, `input = "english"`)
-see each upstream head as one struct column per document, named after the head (schema.UPSTREAM_FIELDS);
+see each upstream head as one struct column per document, named after the head (its table's `upstream`);
 the flow plans them after their upstream heads are loaded. A head reading a translation gets an input
 file (staged Parquet of the rows to infer, translated text in the text column), so workers never
 open the database.
@@ -28,9 +28,12 @@ from typing import Mapping, Sequence
 import duckdb
 import pyarrow.parquet as pq
 
+from core.names import quote
+from core.tables import ResultTable
+
 from .corpus import id_text
 from .sandbox import check_expression, literal_path, sandboxed_connection
-from .schema import quote, upstream_sql
+from .schema import upstream_sql
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class PlanHead:
     where: str | None
     extra_columns: tuple[str, ...]
     model_id: str
-    upstream: tuple[tuple[str, str], ...] = ()  # (head, result table) this head's `where` or input reads
+    upstream: tuple[tuple[str, ResultTable], ...] = ()  # (head, its result table) this head's `where` or input reads
     input: str | None = None  # translation head whose output replaces the text column
 
 
@@ -84,7 +87,7 @@ def _fingerprint_sql(text: str, text_is_string: bool, extras: Sequence[str], pre
     return "sha256(" + " || chr(0) || ".join(parts) + ")"
 
 
-def create_upstream(con, upstream: Mapping[str, str]) -> None:
+def create_upstream(con, upstream: Mapping[str, ResultTable]) -> None:
     """Temp tables up_0, up_1 ...: (doc_id, struct) per upstream head {name: result table}, read from
     the database attached as `results`."""
     for k, (name, table) in enumerate(upstream.items()):

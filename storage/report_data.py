@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Any, Sequence
 
 from .db import connect
-from .views import create_views
+from .views import reader_views
 
 
 @contextmanager
@@ -18,7 +18,7 @@ def _reader(database: str):
     con = connect(database, read_only=True)
     try:
         if not con.execute("SELECT 1 FROM duckdb_views() WHERE view_name = 'label_drift' AND NOT temporary").fetchone():
-            create_views(con, temporary=True)
+            reader_views(con)
         yield con
     finally:
         con.close()

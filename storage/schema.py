@@ -1,92 +1,33 @@
-"""All DuckDB DDL in one place. Result tables share `head, doc_id, run_id, model_id`."""
+"""All DuckDB DDL in one place: the tables storage owns, and the result tables heads declare.
+
+Result tables are declared by the heads that write them (`core.tables.ResultTable`, in heads/<task>.py)
+and handed to storage as data (storage never imports heads): every one gets the key columns
+`head, doc_id` first, its own columns, then the lineage `run_id, model_id`.
+"""
 from __future__ import annotations
 
-import re
+from typing import Iterable
 
 import pyarrow as pa
 
-# A head's name is an SQL struct in routing predicates and part of staged package names.
-HEAD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+from core.names import quote
+from core.tables import ResultTable
 
-
-def quote(name: str) -> str:
-    """An SQL identifier (column or head name) quoted for DuckDB; never used for values."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-# Arrow schemas of the rows each result table receives (what heads' decode returns, plus keys).
 KEY_FIELDS = [pa.field("head", pa.string()), pa.field("doc_id", pa.string())]
 LINEAGE_FIELDS = [pa.field("run_id", pa.string()), pa.field("model_id", pa.string())]
 
-RESULT_FIELDS: dict[str, list[pa.Field]] = {
-    "classifications": [
-        pa.field("label", pa.string()), pa.field("score", pa.float64()),
-        pa.field("scores", pa.map_(pa.string(), pa.float64())),
-        pa.field("n_chunks", pa.int32()), pa.field("long_text", pa.string()),
-    ],
-    "entities": [
-        pa.field("entity_group", pa.string()), pa.field("text", pa.string()),
-        pa.field("start_char", pa.int64()), pa.field("end_char", pa.int64()), pa.field("score", pa.float64()),
-    ],
-    "answers": [
-        pa.field("question", pa.string()), pa.field("answer", pa.string()),
-        pa.field("start_char", pa.int64()), pa.field("end_char", pa.int64()), pa.field("score", pa.float64()),
-        pa.field("n_windows", pa.int32()),
-    ],
-    "translations": [pa.field("translation", pa.string()), pa.field("n_segments", pa.int32())],
-    "lm_scores": [
-        pa.field("perplexity", pa.float64()), pa.field("mean_nll", pa.float64()),  # causal_lm
-        pa.field("pseudo_perplexity", pa.float64()), pa.field("mean_log_prob", pa.float64()),  # masked_lm
-        pa.field("n_tokens", pa.int64()), pa.field("n_windows", pa.int32()),
-    ],
-    "generations": [
-        pa.field("prompt_id", pa.int32()), pa.field("text", pa.string()),
-        pa.field("n_new_tokens", pa.int32()), pa.field("finish_reason", pa.string()),
-    ],
-    "fill_mask": [
-        pa.field("mask_index", pa.int32()), pa.field("token", pa.string()), pa.field("token_id", pa.int64()),
-        pa.field("score", pa.float64()), pa.field("rank", pa.int32()),
-    ],
-    "languages": [
-        pa.field("language", pa.string()),  # ISO 639-1 code; NULL when no language can be told
-        pa.field("confidence", pa.float64()), pa.field("n_chars", pa.int64()),
-    ],
-    "choices": [
-        pa.field("choice", pa.string()), pa.field("score", pa.float64()), pa.field("logit", pa.float64()),
-        pa.field("rank", pa.int32()), pa.field("truncated", pa.bool_()),
-    ],
-    # a list column (not FLOAT[dim]): heads of different sizes share the table, and it works on every
-    # storage backend; `window` is -1 for a document's vector, 0..n-1 for per-window rows (a reserved
-    # word in SQL: write "window" in queries)
-    "embeddings": [
-        pa.field("window", pa.int32()), pa.field("dim", pa.int32()),
-        pa.field("embedding", pa.list_(pa.float32())), pa.field("n_tokens", pa.int64()),
-    ],
-}
-# What a downstream head's `where` sees of an upstream head: one struct per document, named after the
-# head (`topic.label`, `ner.n`, `english.text`), aggregated over the head's rows `r` of that document.
-# Documents the head processed without rows (no entities) get the struct with n = 0; documents it did
-# not process (or failed) get NULL, so a predicate on them is false.
-UPSTREAM_FIELDS: dict[str, str] = {
-    "classifications": "'label': any_value(r.label), 'score': any_value(r.score), 'scores': any_value(r.scores)",
-    "entities": ("'n': count(r.doc_id), 'groups': list(DISTINCT r.entity_group) FILTER (WHERE r.doc_id IS NOT NULL), "
-                 "'texts': list(r.text ORDER BY r.start_char) FILTER (WHERE r.doc_id IS NOT NULL)"),
-    "answers": ("'answer': arg_max(r.answer, r.score), 'score': max(r.score), "
-                "'has_answer': coalesce(bool_or(coalesce(r.answer, '') <> ''), false)"),
-    "translations": "'text': any_value(r.translation)",
-    "lm_scores": ("'perplexity': any_value(r.perplexity), 'pseudo_perplexity': any_value(r.pseudo_perplexity), "
-                  "'n_tokens': any_value(r.n_tokens)"),
-    "generations": "'text': arg_min(r.text, r.prompt_id), 'n': count(r.doc_id)",
-    "fill_mask": "'n': count(r.doc_id)",
-    "languages": "'language': any_value(r.language), 'confidence': any_value(r.confidence)",
-    "choices": "'choice': arg_max(r.choice, r.score), 'score': max(r.score)",
-}
 
+def upstream_sql(table: ResultTable, schema: str = "results") -> str:
+    """One row per document an upstream head completed: (doc_id, s STRUCT); the head name is parameter 1.
 
-def upstream_sql(table: str, schema: str = "results") -> str:
-    """One row per document an upstream head completed: (doc_id, s STRUCT); the head name is parameter 1."""
-    return (f"SELECT d.doc_id, {{{UPSTREAM_FIELDS[table]}}} AS s FROM {schema}.doc_state d "
-            f"LEFT JOIN {schema}.{table} r ON r.head = d.head AND r.doc_id = d.doc_id "
+    The struct is what a downstream head's `where` sees of the head, named after it (`topic.label`,
+    `ner.n`), aggregated over its rows `r` of the document (the table's `upstream` declaration).
+    Documents the head processed without rows (no entities) get the struct with n = 0; documents it
+    did not process (or failed) get NULL, so a predicate on them is false."""
+    if table.upstream is None:
+        raise ValueError(f"a head writing {table.name} exposes no fields to route on")
+    return (f"SELECT d.doc_id, {{{table.upstream}}} AS s FROM {schema}.doc_state d "
+            f"LEFT JOIN {schema}.{table.name} r ON r.head = d.head AND r.doc_id = d.doc_id "
             "WHERE d.head = ? AND d.status = 'done' GROUP BY d.doc_id")
 
 
@@ -102,9 +43,12 @@ COVERED_SCHEMA = pa.schema([pa.field("doc_id", pa.string()), pa.field("fingerpri
                             pa.field("status", pa.string())])
 
 
-def arrow_schema(table: str) -> pa.Schema:
-    fields = FAILED_FIELDS if table == "failed_docs" else RESULT_FIELDS[table]
-    return pa.schema(KEY_FIELDS + fields + LINEAGE_FIELDS)
+def arrow_schema(table: ResultTable) -> pa.Schema:
+    """The rows a result table receives: what a head's decode returns, plus keys and lineage."""
+    return pa.schema(KEY_FIELDS + list(table.columns) + LINEAGE_FIELDS)
+
+
+FAILED_SCHEMA = pa.schema(KEY_FIELDS + FAILED_FIELDS + LINEAGE_FIELDS)
 
 
 _DUCK_TYPES = {pa.string(): "VARCHAR", pa.float64(): "DOUBLE", pa.int32(): "INTEGER", pa.int64(): "BIGINT",
@@ -119,16 +63,27 @@ def _duck_type(t: pa.DataType) -> str:
     return _DUCK_TYPES[t]
 
 
-def _table_ddl(table: str) -> str:
-    cols = ",\n  ".join(f"{quote(f.name)} {_duck_type(f.type)}" for f in arrow_schema(table))
-    return f"CREATE TABLE IF NOT EXISTS {table} (\n  {cols}\n)"
+def _table_ddl(name: str, schema: pa.Schema) -> str:
+    cols = ",\n  ".join(f"{quote(f.name)} {_duck_type(f.type)}" for f in schema)
+    return f"CREATE TABLE IF NOT EXISTS {name} (\n  {cols}\n)"  # names: core.tables.TABLE_NAME
+
+
+def result_ddl(tables: Iterable[ResultTable]) -> list[str]:
+    """CREATE TABLE IF NOT EXISTS for each result table (a new head's table, on any database)."""
+    return [_table_ddl(t.name, arrow_schema(t)) for t in tables]
+
+
+def ddl(tables: Iterable[ResultTable]) -> list[str]:
+    """Exactly what a new database gets: storage's tables and the given result tables."""
+    return [*CORE_DDL, *result_ddl(tables), _table_ddl("failed_docs", FAILED_SCHEMA)]
 
 
 # key/value facts about the database itself: schema_version, database_id (UUID), created_at, ...
 META_TABLE = "taskheads_meta"
 
-# A new database gets exactly this; an older one gets the steps of migrations.STEPS. Change both together.
-DDL = [
+# storage's own tables. A new database gets these (see `ddl`); an older one gets the steps of
+# migrations.STEPS. Change both together.
+CORE_DDL = [
     f"CREATE TABLE IF NOT EXISTS {META_TABLE} (key VARCHAR PRIMARY KEY, value VARCHAR)",
     """CREATE TABLE IF NOT EXISTS runs (
   run_id VARCHAR PRIMARY KEY,
@@ -185,6 +140,4 @@ DDL = [
   status VARCHAR,           -- done (failed attempts are in failed_docs; they never replace a success)
   updated_at TIMESTAMPTZ
 )""",
-    *(_table_ddl(t) for t in RESULT_FIELDS),
-    _table_ddl("failed_docs"),
 ]

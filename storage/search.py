@@ -21,9 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute below: a bare `import pyarrow` does not load it)
 
+from core.names import quote
+
 from .db import connect
 from .sandbox import check_expression, literal_path, lock_down
-from .schema import quote
 
 
 class SearchError(Exception):
@@ -39,7 +40,7 @@ class CorpusRef:
     text_column: str = "text"
 
     def files(self) -> list[str]:
-        from .corpus import CorpusError, corpus_files  # (imports heads.base, hence torch: only when needed)
+        from .corpus import CorpusError, corpus_files
 
         out: list[str] = []
         for spec in self.specs:

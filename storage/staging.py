@@ -20,7 +20,10 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .schema import COVERED_SCHEMA, HEAD_NAME, RESULT_FIELDS, arrow_schema
+from core.names import HEAD_NAME
+from core.tables import ResultTable
+
+from .schema import COVERED_SCHEMA, FAILED_SCHEMA, arrow_schema
 
 QUARANTINE = "quarantine"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")  # shard and run ids: one path component
@@ -61,17 +64,17 @@ def staging_dir(database: str, run_id: str, staging: str | None = None) -> Path:
 PARTS = ("results", "failed", "covered")
 
 
-def stage_shard(directory: Path, shard_id: str, head: str, table: str, model_id: str, rows: Sequence[dict],
+def stage_shard(directory: Path, shard_id: str, head: str, table: ResultTable, model_id: str, rows: Sequence[dict],
                 failed: Sequence[dict], covered: Sequence[dict], run_id: str) -> str:
-    """Write one load package; returns the manifest path.
+    """Write one load package of rows for `table` (the head's declaration); returns the manifest path.
 
     `covered` lists the documents whose rows this package replaces: {doc_id, fingerprint, status}.
     """
     directory = Path(directory)
     tables = {"results": pa.Table.from_pylist(list(rows), schema=arrow_schema(table)),
-              "failed": pa.Table.from_pylist(list(failed), schema=arrow_schema("failed_docs")),
+              "failed": pa.Table.from_pylist(list(failed), schema=FAILED_SCHEMA),
               "covered": pa.Table.from_pylist(list(covered), schema=COVERED_SCHEMA)}
-    manifest = {"shard_id": shard_id, "run_id": run_id, "head": head, "table": table, "model_id": model_id,
+    manifest = {"shard_id": shard_id, "run_id": run_id, "head": head, "table": table.name, "model_id": model_id,
                 "result_rows": len(rows), "failed_rows": len(failed)}
     for part, data in tables.items():
         path = directory / f"{shard_id}.{part}.parquet"
@@ -124,8 +127,8 @@ def _conform(data: pa.Table, schema: pa.Schema, part: str, target: str, required
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def read_manifest(path: str) -> tuple[dict, dict[str, pa.Table]]:
-    """The manifest and its parts, validated: a known result table, a valid head name, ids that are one
+def read_manifest(path: str, tables: Sequence[ResultTable]) -> tuple[dict, dict[str, pa.Table]]:
+    """The manifest and its parts, validated: a known result table (one of `tables`), a valid head name, ids that are one
     path component, parts that are plain files inside the manifest's folder with known columns.
     Raises BadPackage for a package that can never load; OSError (worth retrying) when unreadable."""
     path = Path(path)
@@ -141,9 +144,10 @@ def read_manifest(path: str) -> tuple[dict, dict[str, pa.Table]]:
     for key in _MANIFEST_KEYS:
         if not isinstance(manifest[key], str):
             raise BadPackage(f"manifest {key} is not a string: {manifest[key]!r}")
+    known = {t.name: t for t in tables}
     table = manifest["table"]
-    if table not in RESULT_FIELDS:
-        raise BadPackage(f"unknown table {table!r} (result tables: {', '.join(RESULT_FIELDS)})")
+    if table not in known:
+        raise BadPackage(f"unknown table {table!r} (result tables: {', '.join(known)})")
     if not HEAD_NAME.match(manifest["head"]):
         raise BadPackage(f"invalid head name {manifest['head']!r}")
     for key, what in (("shard_id", "shard id"), ("run_id", "run id")):
@@ -151,8 +155,8 @@ def read_manifest(path: str) -> tuple[dict, dict[str, pa.Table]]:
             raise BadPackage(f"invalid {what} {manifest[key]!r}")
     if path.name != f"{manifest['shard_id']}.json":
         raise BadPackage(f"shard id {manifest['shard_id']!r} does not match its file name {path.name}")
-    expected = {"results": (arrow_schema(table), table, ["head", "doc_id"]),
-                "failed": (arrow_schema("failed_docs"), "failed_docs", ["head", "doc_id"]),
+    expected = {"results": (arrow_schema(known[table]), table, ["head", "doc_id"]),
+                "failed": (FAILED_SCHEMA, "failed_docs", ["head", "doc_id"]),
                 "covered": (COVERED_SCHEMA, "the covered list", COVERED_SCHEMA.names)}
     parts = {}
     for part in PARTS:

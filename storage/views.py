@@ -1,7 +1,7 @@
 """SQL views for analysts and the report, so "which results are current" and "did labels drift" are one
 definition in the database, not re-derived in every query.
 
-- `latest_<table>` (one per table in `schema.RESULT_FIELDS`): the rows of each head produced by that
+- `latest_<table>` (one per result table the heads declare): the rows of each head produced by that
   head's most recent model (the `model_id` of its most recently updated `doc_state` row), with
   lineage columns `run_started_at`, `model_source`, `model_revision`. Rows an older model produced
   for documents the new model has not covered yet are left out; a document the new model tried and
@@ -13,21 +13,23 @@ definition in the database, not re-derived in every query.
   changed documents has a distribution over those three. A label of the previous run that is
   absent from a run appears with n = 0 and share 0, so disappearing labels show as drift too.
 
-Table and column names come from `schema.py` only; no value is ever formatted into SQL.
+Table names come from the heads' declarations (core.tables.TABLE_NAME); no value is ever formatted into SQL.
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import duckdb
 
-from .schema import RESULT_FIELDS
+from core.tables import TABLE_NAME, ResultTable
 
 # the model each head used last: ties (same load) share one model id
 _LATEST_MODEL = "SELECT head, arg_max(model_id, updated_at) AS model_id FROM doc_state GROUP BY head"
 
 
 def latest_view_sql(table: str) -> str:
-    if table not in RESULT_FIELDS:
-        raise ValueError(f"not a result table: {table}")
+    if not TABLE_NAME.match(table):
+        raise ValueError(f"not a result table name: {table!r}")
     return (f"SELECT t.*, r.started_at AS run_started_at, m.source AS model_source, m.revision AS model_revision\n"
             f"FROM {table} t\n"
             f"JOIN ({_LATEST_MODEL}) latest ON latest.head = t.head\n"
@@ -68,22 +70,41 @@ LEFT JOIN shares prev ON prev.head = h.head AND prev.run_id = h.prev_run_id
 """
 
 
-def view_definitions() -> dict[str, str]:
-    """View name -> SELECT; a table added to RESULT_FIELDS gets its `latest_` view here."""
-    views = {f"latest_{table}": latest_view_sql(table) for table in RESULT_FIELDS}
-    views["label_drift"] = LABEL_DRIFT_SQL
+def view_definitions(tables: Iterable[str]) -> dict[str, str]:
+    """View name -> SELECT for these result tables: each gets its `latest_` view; `label_drift` comes
+    with `classifications`."""
+    tables = list(tables)
+    views = {f"latest_{table}": latest_view_sql(table) for table in tables}
+    if "classifications" in tables:
+        views["label_drift"] = LABEL_DRIFT_SQL
     return views
 
 
-def create_views(con: duckdb.DuckDBPyConnection, temporary: bool = False) -> None:
-    """Create or replace every view (idempotent); needs the tables of `ensure_schema`.
-
-    `temporary` is for readers of a database made before the views (it works read-only); such a
-    database may also predate a result table, whose `latest_` view is then left out.
-    """
+def create_views(con: duckdb.DuckDBPyConnection, tables: Iterable[ResultTable | str],
+                 temporary: bool = False) -> None:
+    """Create or replace the views of these result tables (idempotent); needs the tables themselves."""
     kind = "TEMP VIEW" if temporary else "VIEW"
-    tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-    for name, sql in view_definitions().items():
-        if temporary and name.startswith("latest_") and name.removeprefix("latest_") not in tables:
-            continue
+    names = [t.name if isinstance(t, ResultTable) else t for t in tables]
+    for name, sql in view_definitions(names).items():
         con.execute(f"CREATE OR REPLACE {kind} {name} AS {sql}")
+
+
+# storage's own tables that also carry head, doc_id, run_id, model_id
+_NOT_RESULTS = ("doc_state", "failed_docs")
+
+
+def result_tables_in(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """The result tables a database holds (whatever heads wrote them): tables with the key and lineage
+    columns, but storage's own. For readers, who need no head declarations."""
+    rows = con.execute(
+        "SELECT c.table_name FROM duckdb_columns() c JOIN duckdb_tables() t USING (database_name, schema_name, "
+        "table_name) WHERE c.database_name = current_database() AND c.schema_name = 'main' "
+        "AND c.column_name IN ('head', 'doc_id', 'run_id', 'model_id') GROUP BY c.table_name "
+        "HAVING count(DISTINCT c.column_name) = 4 ORDER BY c.table_name").fetchall()
+    return [r[0] for r in rows if r[0] not in _NOT_RESULTS and TABLE_NAME.match(r[0])]
+
+
+def reader_views(con: duckdb.DuckDBPyConnection) -> None:
+    """Temporary views for a reader of a database made before the views (works read-only): one per
+    result table it holds."""
+    create_views(con, result_tables_in(con), temporary=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def quiet_prefect_console(verbose: bool = False) -> None:
@@ -52,10 +53,10 @@ def format_summary(s: dict) -> str:
 def _checked_config(args: argparse.Namespace):
     """The config with CLI overrides, checked against the corpus, with Prefect's console quieted;
     None (after one error line) when it cannot run."""
-    from .config import ConfigError, load_config
-    from .preflight import preflight
-
-    from storage.db import SchemaTooNew, check_database
+    from core.errors import ConfigError, SchemaTooNew
+    from pipeline.config import load_config
+    from pipeline.preflight import preflight
+    from storage.db import check_database
 
     try:
         cfg = load_config(args.config).with_overrides(corpus=args.corpus, database=args.db)
@@ -104,7 +105,7 @@ class ProgressBars:
             self.progress.advance(self.bars[info["head"]], info["docs"])
 
     def __enter__(self):
-        from .progress import subscribe
+        from core.progress import subscribe
 
         self.unsubscribe = subscribe(self)
         self.progress.start()
@@ -141,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 summary = flow(config_path=args.config, corpus=cfg.corpus, database=cfg.database, full=args.full,
                                retry_failed=args.retry_failed)
         except Exception as exc:
-            from heads.loading import ModelLoadError
+            from core.errors import ModelLoadError
 
             if isinstance(exc, ModelLoadError):  # a model that cannot run is a config problem, refused before work
                 print(f"taskheads: config error: {_first_line(exc)}", file=sys.stderr)
@@ -290,6 +291,20 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    """The JSON Schema of a pipeline config, from the heads' typed declarations (for editors completing TOML)."""
+    import json
+
+    from pipeline.config import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="pipeline config (TOML)")
     p.add_argument("--corpus", help="override the config's corpus (file, folder or glob)")
@@ -335,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a file or folder the query may read (e.g. the corpus, for joins); repeatable. "
                      "Nothing else can be opened, and nothing written, attached, installed or set")
     sql.set_defaults(func=cmd_sql)
+    schema = sub.add_parser("schema", help="print the JSON Schema of a pipeline config (keys, types, defaults, "
+                            "docs; heads by task), e.g. for an editor completing pipeline.toml")
+    schema.add_argument("--out", help="write it to this file instead of stdout")
+    schema.set_defaults(func=cmd_schema)
     from .vectors import add_commands  # search, near-duplicates
 
     add_commands(sub)

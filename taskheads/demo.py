@@ -223,8 +223,9 @@ def evaluate_ner_agreement(database: str, head: str, silver: dict[str, list[dict
     (source "silver", n = documents): entity_precision/recall/f1 and, per type T,
     entity_precision_T, entity_recall_T, entity_f1_T and pred_per_silver_T (predicted / silver
     entities of T: 1.0 when the head finds as many as the reference)."""
+    from core.metrics import entity_prf, entity_prf_by_label
+    from heads.registry import result_tables
     from storage.db import query, record_evaluations
-    from training.metrics import entity_prf, entity_prf_by_label
 
     from .demo_data import NER_TYPES
 
@@ -246,7 +247,7 @@ def evaluate_ner_agreement(database: str, head: str, silver: dict[str, list[dict
         if label != "all" and s["n_gold"]:
             rows.append({"metric": f"pred_per_silver{suffix}", "value": s["n_pred"] / s["n_gold"]})
     record_evaluations(database, [{**r, "head": head, "model_id": model_id, "n": len(docs), "source": "silver",
-                                   "run_id": run_id} for r in rows])
+                                   "run_id": run_id} for r in rows], tables=result_tables())
     return scores
 
 
@@ -254,6 +255,7 @@ def evaluate_retrieval(database: str, head: str, gold: dict[str, str], k: int = 
     """For each document with a gold label that the embedding head stored, the share of its k nearest
     neighbours among those documents with the same label; the mean is stored in `evaluations`
     (metric knn<k>_same_topic, source "corpus", n = documents). Returns the per-document shares."""
+    from heads.registry import result_tables
     from storage.db import record_evaluations
     from storage.search import vectors
 
@@ -265,7 +267,7 @@ def evaluate_retrieval(database: str, head: str, gold: dict[str, str], k: int = 
     shares = knn_same_label(mat[keep], [gold[ids[i]] for i in keep], k)
     record_evaluations(database, [{"head": head, "model_id": model_id, "metric": f"knn{k}_same_topic",
                                    "value": float(shares.mean()), "n": len(keep), "source": "corpus",
-                                   "run_id": run_id}])
+                                   "run_id": run_id}], tables=result_tables())
     return {ids[i]: float(v) for i, v in zip(keep, shares)}
 
 

@@ -12,6 +12,7 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from flows.artifact import fmt as _fmt
 from storage import report_data as rd
 
 _STYLE = """
@@ -28,16 +29,6 @@ def _run_label(started, run_id: str) -> str:
     """Category label for a run on an x axis: time plus id prefix (unique, readable)."""
     when = started.strftime("%m-%d %H:%M:%S") if started else "?"
     return f"{when} · {run_id[:8]}"
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.1f}"
-    if isinstance(v, datetime):
-        return v.strftime("%Y-%m-%d %H:%M:%S")
-    return str(v)
 
 
 def _table(columns: list[str], rows: list[dict], text_cols: tuple[str, ...] = ()) -> str:
@@ -178,50 +169,6 @@ def build_report(database: str, out: str) -> str:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(page, encoding="utf-8")
     return str(out)
-
-
-def _md(v) -> str:
-    return _fmt(v).replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(columns: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
-            *("| " + " | ".join(_md(v) for v in r) + " |" for r in rows), ""]
-
-
-def run_markdown(summary: dict, digest: dict) -> str:
-    """Markdown body of one run's Prefect artifact: counts per head, throughput, what failed, what came out."""
-    s, wall = summary, summary.get("wall_seconds") or 0.0
-    inferred = sum(h["inferred"] for h in s["heads"].values())
-    rate = f"{inferred / wall:.2f} docs/s" if wall > 0 else "–"
-    out = [f"# Run `{s['run_id']}`: {s['status']}", "",
-           f"database `{s['database']}` · docs read {s['docs_read']} from {s['files']} file(s) · "
-           f"wall time {wall:.1f} s · throughput {rate} ({inferred} inferred (head, document) pairs)", ""]
-    if s.get("recovered_rows"):
-        out += [f"recovered {s['recovered_rows']} result rows staged by an interrupted run", ""]
-    cols = ["routed", "unchanged", "duplicates", "inferred", "done", "failed", "rows", "seconds"]
-    out += ["## Heads", "", *_md_table(["head", "task", *cols, "docs/s"], [
-        [name, h["task"], *(h[c] for c in cols), h["inferred"] / h["seconds"] if h["seconds"] > 0 else None]
-        for name, h in s["heads"].items()])]
-    for name, h in s["heads"].items():
-        if h.get("metrics"):
-            out += [f"{name} against gold: " + ", ".join(f"{k} {_md(v)}" for k, v in h["metrics"].items()), ""]
-    if digest["failures"]:
-        out += ["## Failures", "", *_md_table(["head", "stage", "failed", "example reasons"], [
-            [f["head"], f["stage"], f["failed"], "; ".join(f["examples"])] for f in digest["failures"]])]
-    for head, labels in digest["labels"].items():
-        out += [f"## Labels: {head}", "", *_md_table(["label", "docs", "share", "change vs previous run"], [
-            [r["label"], r["n"], f"{r['share']:.1%}", None if r["delta"] is None else f"{100 * r['delta']:+.1f} pp"]
-            for r in labels])]
-    if digest["entities"]:
-        out += ["## Entities", "", *_md_table(["head", "group", "entities"],
-                                              [[e["head"], e["entity_group"], e["n"]] for e in digest["entities"]])]
-    if digest["qa"]:
-        out += ["## QA no-answer rate", "", *_md_table(["head", "answers", "no answer", "rate"], [
-            [q["head"], q["answers"], q["no_answer"], f"{q['no_answer_rate']:.1%}"] for q in digest["qa"]])]
-    if s["file_errors"]:
-        out += ["## File errors", "", *(f"- {_md(e)}" for e in s["file_errors"]), ""]
-    return "\n".join(out).rstrip() + "\n"
 
 
 def main_report(database: str, out: str) -> int:

@@ -20,10 +20,9 @@ _IDENTITY: dict[tuple, str] = {}  # (head config key, weight files' stat) -> mod
 
 def query_head(database: str, head: str, model: dict | None = None):
     """The loaded head that made the stored vectors (checked by model id), and its `models` row."""
-    from heads.loading import ModelLoadError, RESIDENT, cached_head, model_identity
+    from heads.loading import RESIDENT, ModelLoadError, cached_head, model_identity
+    from pipeline.config import HeadConfig
     from storage.search import SearchError, current_model
-
-    from .config import HeadConfig
 
     model = model or current_model(database, head)
     if model["task"] != "embedding":

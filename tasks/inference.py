@@ -16,7 +16,7 @@ from heads.loading import using_head
 from storage.corpus import read_docs
 from storage.plan import WorkUnit
 from storage.staging import stage_shard
-from taskheads.faults import checkpoint
+from core.faults import checkpoint
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def _infer(head, unit: WorkUnit, head_cfg, id_column: str, text_column: str, run
         covered.append({"doc_id": doc.doc_id, "fingerprint": fingerprint[row],
                         "status": "failed" if res.error else "done"})
     checkpoint("infer")
-    manifest = stage_shard(Path(staging), shard_id_for(run_id, head_cfg.name, unit), head_cfg.name, head.table,
+    manifest = stage_shard(Path(staging), shard_id_for(run_id, head_cfg.name, unit), head_cfg.name, head.result_table,
                            model_id, rows, failed, covered, run_id)
     checkpoint("staged")
     reasons = Counter(r.error for r in results if r.error is not None)

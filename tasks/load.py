@@ -4,6 +4,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from heads.registry import result_tables
 from storage import db
 from storage.staging import PackageQuarantined
 
@@ -24,7 +25,8 @@ def _transient(task, task_run, state) -> bool:
 def load_shard(database: str, manifest: str) -> tuple[int, int]:
     """Load a unit's package; one that can never load is quarantined and raises PackageQuarantined
     (not retried), so the flow reports the unit and goes on."""
-    rows, failed, quarantined = db.load_or_quarantine(database, manifest, log=get_run_logger().error)
+    rows, failed, quarantined = db.load_or_quarantine(database, manifest, log=get_run_logger().error,
+                                                      tables=result_tables())
     if quarantined:
         raise PackageQuarantined(quarantined)
     return rows, failed
@@ -32,7 +34,7 @@ def load_shard(database: str, manifest: str) -> tuple[int, int]:
 
 @task(name="start-run", cache_policy=NO_CACHE)
 def start_run(database: str, run_id: str, config_path: str | None, corpus: str) -> None:
-    db.start_run(database, run_id, config_path, corpus)
+    db.start_run(database, run_id, config_path, corpus, tables=result_tables())
 
 
 @task(name="finish-run", cache_policy=NO_CACHE)
@@ -44,4 +46,4 @@ def finish_run(database: str, run_id: str, status: str, docs_read: int, head_sta
 @task(name="recover-staged", cache_policy=NO_CACHE)
 def recover_staged(database: str, run_id: str, staging: str | None = None) -> int:
     """Load what a killed run staged but did not load; returns result rows recovered."""
-    return db.recover(database, run_id, staging, log=get_run_logger().error)
+    return db.recover(database, run_id, staging, log=get_run_logger().error, tables=result_tables())

@@ -5,8 +5,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from heads.loading import load_head, model_identity
+from heads.registry import result_tables
+from pipeline.config import HeadConfig
 from storage.db import record_evaluations
-from taskheads.config import HeadConfig
 
 # the metrics each task's trainer returns that go to `evaluations`
 EVAL_METRICS = {
@@ -47,5 +48,5 @@ def record_training_metrics(database: str, head: str, task_name: str, out_dir: s
     model_id = model_identity(cfg, load_head(head, task_name, out_dir, params=params, device="cpu"))["model_id"]
     rows = [{"head": head, "model_id": model_id, "metric": m, "value": metrics[m], "n": metrics["n"],
              "source": "training", "run_id": run_id} for m in EVAL_METRICS[task_name]]
-    record_evaluations(database, rows)
+    record_evaluations(database, rows, tables=result_tables())
     return model_id

@@ -284,12 +284,12 @@ def test_too_long_prompt_fails_with_a_clear_error(models):
 
 
 @pytest.mark.parametrize("params, match", [
-    ({"mode": "ppl"}, "mode must be"), ({"mode": None}, "mode must be"),
+    ({"mode": "ppl"}, "mode: expected 'perplexity' or 'generate'"), ({"mode": None}, "mode: expected"),
     ({"stride": -1}, "stride"), ({"stride": 1.5}, "stride"), ({"stride": True}, "stride"),
     ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": "8"}, "max_new_tokens"),
     ({"mode": "generate"}, r"prompt containing '\{text\}'"),
     ({"mode": "generate", "prompt": "Summarize: {doc}"}, r"prompt containing '\{text\}'"),
-    ({"mode": "generate", "prompt": None}, "prompt must be a string"),
+    ({"mode": "generate", "prompt": None}, "prompt: expected a string"),
     ({"prompt": "Q: {text}"}, "only used with mode = 'generate'"),
     ({"temperature": 0}, "temperature"), ({"temperature": -0.5}, "temperature"),
     ({"temperature": float("nan")}, "temperature"),
@@ -311,7 +311,7 @@ def test_valid_params_and_setup_errors(models):
     with pytest.raises(ValueError, match="leave no room for a document in the model window 128"):
         CausalLMHead("lm", head.model, head.tokenizer, {"mode": "generate", "prompt": "{text}",
                                                         "max_new_tokens": 127})
-    with pytest.raises(ValueError, match="mode must be"):
+    with pytest.raises(ValueError, match="heads.lm.mode: expected"):
         CausalLMHead("lm", head.model, head.tokenizer, {"mode": "score"})
 
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from taskheads.cli import main
-from taskheads.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config
 
 
 @pytest.fixture()
@@ -41,11 +41,15 @@ def top(corpus) -> str:
     (lambda c, m: top(c) + head("./no/such/model"), "heads.topic.model: model folder not found"),
     (lambda c, m: top(c) + head(m, 'where = "no_such_column = 1"'), "heads.topic.where: invalid predicate"),
     (lambda c, m: top(c) + head(m, 'where = "lang = "'), "heads.topic.where: invalid predicate"),
-    (lambda c, m: top(c) + head(m, 'long_text = "ignore"'), "heads.topic: long_text must be"),
-    (lambda c, m: top(c) + head(m, 'aggregation = "mean"', task="ner"), "heads.topic: aggregation must be one of"),
-    (lambda c, m: top(c) + head(m, "num_beams = 0", task="translation"), "heads.topic: num_beams must be"),
-    (lambda c, m: top(c) + head(m, "max_answer_len = 15.5", task="qa"), "heads.topic.max_answer_len: expected int"),
+    (lambda c, m: top(c) + head(m, 'long_text = "ignore"'), "heads.topic.long_text: expected 'chunk' or 'truncate', got str 'ignore'"),
+    (lambda c, m: top(c) + head(m, 'aggregation = "mean"', task="ner"), "heads.topic.aggregation: expected one of none, simple"),
+    (lambda c, m: top(c) + head(m, "num_beams = 0", task="translation"), "heads.topic.num_beams: expected an integer >= 1, got int 0"),
+    (lambda c, m: top(c) + head(m, "max_answer_len = 15.5", task="qa"), "heads.topic.max_answer_len: expected an integer >= 1, got float 15.5"),
     (lambda c, m: top(c) + head(m, "batch_tokens = \"big\""), "heads.topic.batch_tokens: expected an integer"),
+    (lambda c, m: top(c) + head(m, "stride = true"), "heads.topic.stride: expected an integer >= 0, got bool True"),
+    (lambda c, m: top(c) + head(m, "stride = 1.5", task="ner"), "heads.topic.stride: expected an integer >= 0"),
+    (lambda c, m: top(c) + "unit_docs = false\n" + head(m), "unit_docs: expected an integer >= 1, got bool False"),
+    (lambda c, m: top(c) + head(m, "trust_remote_code = 1"), "heads.topic.trust_remote_code: expected true or false"),
     (lambda c, m: top(c), "heads: no heads configured"),
     (lambda c, m: top(c) + head(m).replace("[heads.topic]", "[heads.my-topic]"),
      "heads.my-topic: head names must match"),

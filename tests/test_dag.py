@@ -13,7 +13,7 @@ import pytest
 from heads.engine import pipe
 from heads.base import Doc
 from heads.loading import RESIDENT, cached_head, load_head
-from taskheads.config import ConfigError, HeadConfig, parse_config, where_references
+from pipeline.config import ConfigError, HeadConfig, parse_config, where_references
 
 ENGLISH = ["The committee approved the new budget for schools and hospitals after a long debate.",
            "Shares of the company rose sharply after the merger was announced on Monday morning.",
@@ -235,7 +235,7 @@ depends_on = ["a"]
 
 
 def test_where_on_unknown_upstream_field_fails_preflight(tmp_path, tiny_models):
-    from taskheads.preflight import preflight
+    from pipeline.preflight import preflight
 
     _write(tmp_path, [{"id": "1", "text": "x"}])
     m = tiny_models["classification"]
@@ -270,7 +270,7 @@ def test_serve_drops_only_scheduled_runs_whose_time_passed(prefect_harness):
 
 
 def test_upstream_head_named_like_a_corpus_column_is_refused(tmp_path, tiny_models):
-    from taskheads.preflight import preflight
+    from pipeline.preflight import preflight
 
     _write(tmp_path, [{"id": "1", "text": "x", "topic": "sport"}])
     m = tiny_models["classification"]

@@ -12,7 +12,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.schema import RESULT_FIELDS, quote
+from core.names import quote
+from heads.registry import result_tables
 from test_dag import ENGLISH, GERMAN
 
 
@@ -20,7 +21,7 @@ def _snapshot(db) -> dict[str, list]:
     con = duckdb.connect(str(db), read_only=True)
     try:
         out = {}
-        for table in [*RESULT_FIELDS, "failed_docs", "doc_state"]:
+        for table in [*(t.name for t in result_tables()), "failed_docs", "doc_state"]:
             cols = [c for (c,) in con.execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
                 [table]).fetchall() if c not in ("run_id", "updated_at", "source_file")]

@@ -6,9 +6,10 @@ import duckdb
 import numpy as np
 import pytest
 
+from core.metrics import entity_prf_by_label
+from heads.registry import result_tables
 from storage.db import connect, ensure_schema
 from taskheads import demo
-from training.metrics import entity_prf_by_label
 
 
 def test_knn_same_label_by_hand():
@@ -43,7 +44,7 @@ def test_entity_prf_by_label_by_hand():
 def _results_db(path):
     """A results database with one NER head and one embedding head, rows written by hand."""
     db = str(path / "results.duckdb")
-    ensure_schema(db)
+    ensure_schema(db, tables=result_tables())
     con = connect(db)
     try:
         con.execute("INSERT INTO runs (run_id, started_at, status) VALUES ('r1', now(), 'completed')")

@@ -228,7 +228,7 @@ def test_plain_folder_mean_pooling_and_params(tiny_models):
 
 
 def test_declared_pooling_is_part_of_the_model_id(tmp_path, tiny_models):
-    from taskheads.config import HeadConfig
+    from pipeline.config import HeadConfig
 
     folder = _st_folder(tiny_models["classification"], tmp_path / "st", {"pooling_mode": "mean"}, True)
     cfg = HeadConfig(name="vec", task="embedding", model=folder)

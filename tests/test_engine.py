@@ -164,7 +164,7 @@ def test_a_bug_in_decode_fails_the_call():
 
 
 def test_fault_kinds_terminal_and_transient():
-    from heads.base import DocumentError, TransientDocumentError
+    from core.errors import DocumentError, TransientDocumentError
 
     class Kinds(EchoHead):
         def encode(self, doc):

@@ -1,7 +1,7 @@
 """Failed documents: retried when the fault was transient, never at the cost of earlier good results;
 systemic faults (a bug, a model that always raises) fail the run loudly instead of piling up failed rows.
 
-Faults are injected with TASKHEADS_FAIL_DOCS (taskheads/faults.py): the engine's real out-of-memory
+Faults are injected with TASKHEADS_FAIL_DOCS (core/faults.py): the engine's real out-of-memory
 path for a transient fault, a DocumentError for a terminal one.
 """
 from __future__ import annotations

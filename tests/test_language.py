@@ -10,7 +10,7 @@ from heads.base import Doc
 from heads.engine import pipe
 from heads.language import LanguageHead, best_language
 from heads.loading import load_head, model_identity
-from taskheads.config import ConfigError, HeadConfig, parse_config
+from pipeline.config import ConfigError, HeadConfig, parse_config
 
 SAMPLES = [  # (expected language, text); mixed lengths so batching reorders them
     ("en", "The committee will publish its final report on the new railway line next Thursday morning. " * 6),
@@ -190,7 +190,7 @@ def test_config_language_head_without_model(tmp_path):
     cfg = parse_config({**base, "heads": {"lang": {"task": "language", "languages": ["en", "de"],
                                                    "min_confidence": 1, "max_chars": 500}}}, tmp_path)
     assert dict(cfg.heads[0].params) == {"languages": ["en", "de"], "min_confidence": 1, "max_chars": 500}
-    for bad, message in [({"languages": "en"}, "expected list"), ({"languages": ["en", "qq"]}, "'qq'"),
+    for bad, message in [({"languages": "en"}, "languages: expected a list of ISO 639-1 codes, got str 'en'"), ({"languages": ["en", "qq"]}, "'qq'"),
                          ({"max_chars": 0}, "max_chars"), ({"threshold": 0.5}, "unknown key")]:
         with pytest.raises(ConfigError, match=message):
             parse_config({**base, "heads": {"lang": {"task": "language", **bad}}}, tmp_path)

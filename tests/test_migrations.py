@@ -15,8 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storage import db, migrations
+from storage import db, migrations, schema
 from storage.schema import arrow_schema
+from heads.registry import result_tables, table
+
+TABLES = result_tables()  # every registered head's result table
 
 FIXTURE = Path(__file__).parent / "fixtures" / "v0-16ead0c.duckdb.gz"
 OLD_RUN = "f006b145-f4b6-45c5-9360-85b4743ff89a"
@@ -96,22 +99,22 @@ def test_fixture_is_the_pre_versioning_schema(tmp_path):
 def test_oldest_database_migrates_to_exactly_the_schema_of_a_new_one(tmp_path):
     old = old_database(tmp_path)
     before = rows(old)
-    db.ensure_schema(old)
+    db.ensure_schema(old, tables=TABLES)
     fresh = str(tmp_path / "fresh.duckdb")
-    db.ensure_schema(fresh)
+    db.ensure_schema(fresh, tables=TABLES)
     assert shape(old) == shape(fresh)  # whatever the latest version is
     assert rows(old) == before  # every old row kept, unchanged
     got = meta(old)
     assert got["schema_version"] == str(migrations.SCHEMA_VERSION) == meta(fresh)["schema_version"]
     assert got["migrated_from"] == "0" and "migrated_at" in got
     assert uuid.UUID(got["database_id"]) != uuid.UUID(meta(fresh)["database_id"])
-    db.ensure_schema(old)  # opening it again changes nothing
+    db.ensure_schema(old, tables=TABLES)  # opening it again changes nothing
     assert meta(old) == got and rows(old) == before
 
 
 def test_new_database_records_its_version_and_id_in_a_format_duckdb_1x_reads(tmp_path):
     database = str(tmp_path / "new.duckdb")
-    db.ensure_schema(database)
+    db.ensure_schema(database, tables=TABLES)
     got = meta(database)
     assert got["schema_version"] == str(migrations.SCHEMA_VERSION)
     assert str(uuid.UUID(got["database_id"])) == got["database_id"] == db.database_id(database)
@@ -135,7 +138,7 @@ def test_failing_step_leaves_the_database_unchanged(tmp_path, monkeypatch):
     monkeypatch.setattr(migrations, "STEPS", [*migrations.STEPS, broken])
     monkeypatch.setattr(migrations, "SCHEMA_VERSION", len(migrations.STEPS))
     with pytest.raises(migrations.MigrationError) as err:
-        db.ensure_schema(old)
+        db.ensure_schema(old, tables=TABLES)
     assert str(err.value).startswith(f"{old}: schema migration failed at version {len(migrations.STEPS) - 1}")
     assert "database unchanged" in str(err.value)
     assert shape(old) == before_shape and rows(old) == before_rows
@@ -148,7 +151,7 @@ def test_newer_database_is_refused_with_one_line(tmp_path, tiny_models, capsys):
     from taskheads.cli import main
 
     database = tmp_path / "newer.duckdb"
-    db.ensure_schema(str(database))
+    db.ensure_schema(str(database), tables=TABLES)
     con = duckdb.connect(str(database))
     con.execute("UPDATE taskheads_meta SET value = ? WHERE key = 'schema_version'", [str(migrations.SCHEMA_VERSION + 1)])
     con.close()
@@ -165,7 +168,7 @@ def test_newer_database_is_refused_with_one_line(tmp_path, tiny_models, capsys):
     assert main(["report", str(database), "--out", str(tmp_path / "r.html")]) == 2
     assert capsys.readouterr().err == line
     with pytest.raises(migrations.SchemaTooNew):
-        db.ensure_schema(str(database))
+        db.ensure_schema(str(database), tables=TABLES)
     con = duckdb.connect(str(database), read_only=True)
     assert con.execute("SELECT count(*) FROM runs").fetchone() == (0,)  # nothing was written
     con.close()
@@ -231,7 +234,7 @@ def test_package_staged_by_the_oldest_code_loads_after_the_upgrade(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"head": "topic", "doc_id": "8", "label": "sport", "score": 0.9,
                                           "scores": [("sport", 0.9)], "n_chunks": 1, "long_text": "chunk",
                                           "run_id": dead_run, "model_id": "m"}],
-                                        schema=arrow_schema("classifications")), folder / "s9.results.parquet")
+                                        schema=arrow_schema(table("classifications"))), folder / "s9.results.parquet")
     pq.write_table(pa.Table.from_pylist([{"doc_id": "8", "fingerprint": "f8", "status": "done"},
                                          {"doc_id": "9", "fingerprint": "f9", "status": "failed"}]),
                    folder / "s9.covered.parquet")
@@ -239,8 +242,8 @@ def test_package_staged_by_the_oldest_code_loads_after_the_upgrade(tmp_path):
         '{"shard_id": "s9", "run_id": "dead-run", "head": "topic", "table": "classifications", "model_id": "m", '
         '"result_rows": 1, "failed_rows": 1, "results": "s9.results.parquet", "failed": "s9.failed.parquet", '
         '"covered": "s9.covered.parquet"}')
-    db.start_run(old, "now", None, "corpus")
-    assert db.recover(old, "now") == 1
+    db.start_run(old, "now", None, "corpus", tables=TABLES)
+    assert db.recover(old, "now", tables=TABLES) == 1
     con = duckdb.connect(old, read_only=True)
     assert con.execute("SELECT doc_id, label FROM classifications WHERE run_id = 'dead-run'").fetchall() == [
         ("8", "sport")]
@@ -279,7 +282,7 @@ def test_version_1_failures_move_out_of_doc_state(tmp_path):
     con.execute("CREATE TABLE taskheads_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
     con.execute("CREATE TABLE failed_docs (head VARCHAR, doc_id VARCHAR, error VARCHAR, stage VARCHAR, "
                 "source_file VARCHAR, source_row BIGINT, run_id VARCHAR, model_id VARCHAR)")
-    for ddl in [d for d in migrations.DDL if "EXISTS failed_docs" not in d and "EXISTS taskheads_meta" not in d]:
+    for ddl in [d for d in schema.ddl(TABLES) if "EXISTS failed_docs" not in d and "EXISTS taskheads_meta" not in d]:
         con.execute(ddl)
     con.execute("INSERT INTO taskheads_meta VALUES ('schema_version', '1'), ('database_id', 'x')")
     con.execute("INSERT INTO doc_state VALUES ('t', 'a', 'fa', 'm', 'r', 'failed', now()), "
@@ -287,7 +290,7 @@ def test_version_1_failures_move_out_of_doc_state(tmp_path):
     con.execute("INSERT INTO failed_docs VALUES ('t', 'a', 'empty text', 'read', 'f', 0, 'r', 'm'), "
                 "('t', 'b', 'out of memory on 9 tokens', 'forward', 'f', 1, 'r', 'm')")
     con.close()
-    db.ensure_schema(path)
+    db.ensure_schema(path, tables=TABLES)
     con = duckdb.connect(path, read_only=True)
     try:
         assert con.execute("SELECT doc_id, status FROM doc_state").fetchall() == [("c", "done")]

@@ -182,7 +182,7 @@ def test_long_document_is_truncated_and_reported(tiny):
 @pytest.mark.parametrize("params, message", [
     ({}, "needs options"),
     ({"choices": []}, "needs options"),
-    ({"choices": "a,b"}, "list of strings"),
+    ({"choices": "a,b"}, "list of non-empty strings"),
     ({"choices": ["a", ""]}, "non-empty strings"),
     ({"choices": ["a", "  "]}, "non-empty strings"),
     ({"choices": ["a", 3]}, "non-empty strings"),
@@ -191,8 +191,8 @@ def test_long_document_is_truncated_and_reported(tiny):
     ({"choices": ["a", "b"], "choices_column": 5}, "choices_column"),
     ({"choices": ["a", "b"], "choices_column": ""}, "choices_column"),
     ({"choices": ["a", "b"], "prompt": "Question: which topic?"}, "{text}"),
-    ({"choices": ["a", "b"], "prompt": None}, "prompt must be a string"),
-    ({"choices": ["a", "b"], "prompt": 3}, "prompt must be a string"),
+    ({"choices": ["a", "b"], "prompt": None}, "prompt: expected a string"),
+    ({"choices": ["a", "b"], "prompt": 3}, "prompt: expected a string"),
 ])
 def test_validate_params_errors(params, message):
     with pytest.raises(ValueError) as info:

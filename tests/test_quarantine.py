@@ -13,6 +13,9 @@ import pytest
 from storage import db
 from storage.schema import arrow_schema
 from storage.staging import BadPackage, read_manifest, stage_shard, staging_root
+from heads.registry import result_tables, table
+
+TABLES = result_tables()  # every registered head's result table
 
 DEAD = "dead-run"
 
@@ -25,7 +28,7 @@ def _row(doc, label="sport", run=DEAD):
 def stage(folder: Path, shard: str, docs: list[str], **manifest_changes) -> Path:
     """A valid package of head `topic`, then its manifest edited (a bad package)."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = Path(stage_shard(folder, shard, "topic", "classifications", "m", [_row(d) for d in docs], [],
+    path = Path(stage_shard(folder, shard, "topic", table("classifications"), "m", [_row(d) for d in docs], [],
                             [{"doc_id": d, "fingerprint": "fp" + d, "status": "done"} for d in docs], DEAD))
     if manifest_changes:
         manifest = json.loads(path.read_text())
@@ -46,7 +49,7 @@ def fetch(database, sql, params=()):
 def test_recover_quarantines_what_cannot_load_and_never_retries_it(tmp_path, shared):
     database = str(tmp_path / "db" / "results.duckdb")
     staging = str(tmp_path / "shared") if shared else None
-    db.ensure_schema(database)
+    db.ensure_schema(database, tables=TABLES)
     con = duckdb.connect(database)
     con.execute("CREATE TABLE x (keep INTEGER)")
     con.close()
@@ -60,7 +63,7 @@ def test_recover_quarantines_what_cannot_load_and_never_retries_it(tmp_path, sha
                    extra.with_name("extra.results.parquet"))
     stage(dead, "inject", ["5"], table="runs; DROP TABLE x")
     outside = root.parent / "outside.parquet"  # a readable Parquet file outside the package folder
-    pq.write_table(pa.Table.from_pylist([_row("6", "stolen")], schema=arrow_schema("classifications")), outside)
+    pq.write_table(pa.Table.from_pylist([_row("6", "stolen")], schema=arrow_schema(table("classifications"))), outside)
     stage(dead, "escape", ["6"], results="../../outside.parquet")
     stage(dead, "absolute", ["7"], covered=str(outside))
     stage(dead, "badhead", ["8"], head="topic' OR 1=1 --")
@@ -69,8 +72,8 @@ def test_recover_quarantines_what_cannot_load_and_never_retries_it(tmp_path, sha
            "inject": "unknown table 'runs; DROP TABLE x'", "escape": "part 'results' is not a plain file name",
            "absolute": "part 'covered' is not a plain file name", "badhead": "invalid head name"}
 
-    db.start_run(database, "now", None, "corpus")
-    assert db.recover(database, "now", staging) == 2  # the good package's rows
+    db.start_run(database, "now", None, "corpus", tables=TABLES)
+    assert db.recover(database, "now", staging, tables=TABLES) == 2  # the good package's rows
     assert fetch(database, "SELECT doc_id, label FROM classifications ORDER BY doc_id") == [("1", "sport"),
                                                                                           ("2", "sport")]
     assert fetch(database, "SELECT count(*) FROM x") == [(0,)]  # not dropped
@@ -88,8 +91,8 @@ def test_recover_quarantines_what_cannot_load_and_never_retries_it(tmp_path, sha
 
     # later runs neither retry nor trip over the quarantined packages
     listing = sorted(p.relative_to(root) for p in (root / "quarantine").rglob("*"))
-    db.start_run(database, "later", None, "corpus")
-    assert db.recover(database, "later", staging) == 0
+    db.start_run(database, "later", None, "corpus", tables=TABLES)
+    assert db.recover(database, "later", staging, tables=TABLES) == 0
     assert sorted(p.relative_to(root) for p in (root / "quarantine").rglob("*")) == listing
     assert fetch(database, "SELECT quarantined FROM runs WHERE run_id = 'later'") == [(None,)]
     assert fetch(database, "SELECT count(*) FROM loaded_shards") == [(1,)]
@@ -110,7 +113,7 @@ def test_recover_quarantines_what_cannot_load_and_never_retries_it(tmp_path, sha
 def test_read_manifest_refuses_invalid_manifests(tmp_path, change, message):
     manifest = stage(tmp_path / "run", "s1", ["1"], **change)
     with pytest.raises(BadPackage, match=message):
-        read_manifest(str(manifest))
+        read_manifest(str(manifest), TABLES)
 
 
 def test_read_manifest_refuses_a_part_that_links_outside(tmp_path):
@@ -119,7 +122,7 @@ def test_read_manifest_refuses_a_part_that_links_outside(tmp_path):
     manifest.with_name("s1.results.parquet").rename(target)
     manifest.with_name("s1.results.parquet").symlink_to(target)
     with pytest.raises(BadPackage, match="outside the package folder"):
-        read_manifest(str(manifest))
+        read_manifest(str(manifest), TABLES)
 
 
 def test_load_of_a_fresh_package_that_cannot_load_is_quarantined_in_the_flow(tmp_path, tiny_models,
@@ -191,8 +194,8 @@ model = "{tiny_models['ner']}"
 def test_shared_staging_is_keyed_by_the_database_not_its_path(tmp_path):
     shared = str(tmp_path / "shared")
     a, b = str(tmp_path / "x" / "results.duckdb"), str(tmp_path / "y" / "results.duckdb")
-    db.ensure_schema(a)
-    db.ensure_schema(b)
+    db.ensure_schema(a, tables=TABLES)
+    db.ensure_schema(b, tables=TABLES)
     ra, rb = staging_root(a, shared), staging_root(b, shared)
     assert ra.parent == rb.parent == tmp_path / "shared" and ra != rb
     assert ra.name == f"results.duckdb-{db.database_id(a)}"
@@ -200,5 +203,5 @@ def test_shared_staging_is_keyed_by_the_database_not_its_path(tmp_path):
     assert staging_root(a) == tmp_path / "x" / "results.duckdb.staging"  # default: beside the database
     # two hosts with the same path: another database at the same path gets its own folder
     Path(a).unlink()
-    db.ensure_schema(a)
+    db.ensure_schema(a, tables=TABLES)
     assert staging_root(a, shared) != ra and staging_root(a, shared).parent == ra.parent

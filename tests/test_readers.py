@@ -9,6 +9,9 @@ import pytest
 
 from storage import db
 from taskheads.cli import main
+from heads.registry import result_tables
+
+TABLES = result_tables()  # every registered head's result table
 
 HOLD = "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('held', flush=True); time.sleep(float(sys.argv[2]))"
 
@@ -22,7 +25,7 @@ def hold_lock(path: str, seconds: float) -> subprocess.Popen:
 @pytest.fixture()
 def database(tmp_path):
     path = str(tmp_path / "r.duckdb")
-    db.ensure_schema(path)
+    db.ensure_schema(path, tables=TABLES)
     return path
 
 
@@ -72,7 +75,7 @@ def test_load_task_retries_transient_errors_only(prefect_harness, monkeypatch):
 
     calls = []
 
-    def flaky(database, manifest):
+    def flaky(database, manifest, tables=()):
         calls.append(manifest)
         if manifest == "busy" and len(calls) == 1:
             raise db.DatabaseBusy("locked")

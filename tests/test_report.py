@@ -23,10 +23,13 @@ import pytest
 
 from storage import report_data as rd
 from storage.db import connect, ensure_schema
-from storage.schema import RESULT_FIELDS
 from storage.views import create_views
-from taskheads.report import build_report, main_report, run_markdown
+from flows.artifact import run_markdown
+from taskheads.report import build_report, main_report
 from taskheads.tiny_models import TOPIC_LABELS, build_bert
+from heads.registry import result_tables
+
+TABLES = result_tables()  # every registered head's result table
 
 CHROMIUM = "/usr/bin/chromium"
 VOCAB = {
@@ -80,9 +83,9 @@ def built(tmp_path_factory, tiny_models, prefect_harness):
     for i, name in enumerate("abc"):
         write_corpus(root / name, name, start_id=1000 * i, seed=i)
     db = str(root / "results.duckdb")
-    ensure_schema(db)
+    ensure_schema(db, tables=TABLES)
     con = connect(db)
-    create_views(con)  # before any run: views must follow the rows loaded later
+    create_views(con, TABLES)  # before any run: views must follow the rows loaded later
     con.close()
     write_config(root / "v1.toml", tiny_models["classification"], tiny_models)
     new_topic = str(build_bert(root / "topic2", "classification", labels=TOPIC_LABELS, max_len=64, seed=11))
@@ -90,9 +93,9 @@ def built(tmp_path_factory, tiny_models, prefect_harness):
     runs = [process_corpus(config_path=str(root / "v1.toml"), corpus=str(root / "a")),
             process_corpus(config_path=str(root / "v1.toml"), corpus=str(root / "b")),
             process_corpus(config_path=str(root / "v2.toml"), corpus=str(root / "c"))]
-    ensure_schema(db)
+    ensure_schema(db, tables=TABLES)
     con = connect(db)
-    create_views(con)  # again: must be harmless
+    create_views(con, TABLES)  # again: must be harmless
     con.close()
     return types.SimpleNamespace(root=root, db=db, runs=runs, new_topic=new_topic, models=tiny_models)
 
@@ -136,7 +139,7 @@ def expected_label_drift(db: str) -> dict[tuple, dict]:
 
 def test_every_result_table_has_a_latest_view(built):
     names = {r["view_name"] for r in fetch(built.db, "SELECT view_name FROM duckdb_views() WHERE NOT internal")}
-    assert {f"latest_{t}" for t in RESULT_FIELDS} | {"label_drift"} <= names
+    assert {f"latest_{t.name}" for t in TABLES} | {"label_drift"} <= names
 
 
 def test_latest_views_show_only_the_latest_model_of_each_head(built):
@@ -416,7 +419,7 @@ def test_report_screenshot_is_not_blank(report, tmp_path):
 
 def test_empty_database_gets_notes_not_plots(tmp_path, capsys):
     db = str(tmp_path / "empty.duckdb")
-    ensure_schema(db)
+    ensure_schema(db, tables=TABLES)
     out = tmp_path / "empty.html"
     assert main_report(db, str(out)) == 0
     assert capsys.readouterr().out.strip() == f"report written: {out}"
@@ -436,9 +439,9 @@ def test_main_report_on_missing_database(tmp_path, capsys):
 def test_no_answer_counts_null_and_empty_answers(tmp_path):
     """The tiny QA model always answers; rows written here cover NULL and empty answers too."""
     db = str(tmp_path / "qa.duckdb")
-    ensure_schema(db)
+    ensure_schema(db, tables=TABLES)
     con = connect(db)
-    create_views(con)
+    create_views(con, TABLES)
     con.execute("INSERT INTO runs (run_id, started_at) VALUES ('r1', now())")
     con.executemany("INSERT INTO answers (head, doc_id, question, answer, run_id, model_id) VALUES (?, ?, ?, ?, ?, ?)",
                     [["facts", str(i), "q?", answer, "r1", "m"] for i, answer in enumerate([None, "", "Lagos", "x"])])

@@ -13,8 +13,11 @@ import pytest
 from storage import db
 from storage.plan import PlanHead, plan_work
 from taskheads.cli import main
-from taskheads.config import ConfigError, load_config
-from taskheads.preflight import preflight
+from pipeline.config import ConfigError, load_config
+from pipeline.preflight import preflight
+from heads.registry import result_tables
+
+TABLES = result_tables()  # every registered head's result table
 
 
 @pytest.fixture()
@@ -30,7 +33,7 @@ def corpus(tmp_path):
 def victim(tmp_path):
     """A results database with its tables; attacks try to drop `runs`."""
     path = str(tmp_path / "victim.duckdb")
-    db.ensure_schema(path)
+    db.ensure_schema(path, tables=TABLES)
     return path
 
 

@@ -10,6 +10,9 @@ from storage import db
 from storage.corpus import CorpusError, check_files, corpus_files, read_docs
 from storage.plan import PlanHead, plan_work
 from storage.staging import stage_shard
+from heads.registry import result_tables, table
+
+TABLES = result_tables()  # every registered head's result table
 
 
 def test_corpus_files_file_folder_glob(tmp_path):
@@ -80,7 +83,7 @@ def test_plan_routes_finds_duplicates_and_skips_unchanged(tmp_path):
 
     # with state saying docs 1 and 2 are done with model m1, they are skipped; m2 would redo them
     database = str(tmp_path / "r.duckdb")
-    db.ensure_schema(database)
+    db.ensure_schema(database, tables=TABLES)
     fp = dict(zip([0, 1], p.units[0].fingerprints))
     con = duckdb.connect(database)
     con.execute("INSERT INTO doc_state VALUES ('all', '1', ?, 'm1', 'r0', 'done', now()), "
@@ -97,7 +100,7 @@ def test_plan_routes_finds_duplicates_and_skips_unchanged(tmp_path):
 
 def _stage(tmp_path, shard, rows, covered, run="r1"):
     cov = [{"doc_id": d, "fingerprint": "fp-" + d, "status": "done"} for d in covered]
-    return stage_shard(tmp_path, shard, "topic", "classifications", "m", rows, [], cov, run)
+    return stage_shard(tmp_path, shard, "topic", table("classifications"), "m", rows, [], cov, run)
 
 
 def _row(doc, label, run="r1"):
@@ -107,15 +110,15 @@ def _row(doc, label, run="r1"):
 
 def test_load_shard_is_idempotent_and_replaces_rows(tmp_path):
     database = str(tmp_path / "r.duckdb")
-    db.ensure_schema(database)
+    db.ensure_schema(database, tables=TABLES)
     m1 = _stage(tmp_path, "s1", [_row("a", "x"), _row("b", "y")], ["a", "b"])
-    assert db.load_shard(database, m1) == (2, 0)
+    assert db.load_shard(database, m1, tables=TABLES) == (2, 0)
     # the same shard id again (e.g. a retry after a crash) loads nothing
     m1_again = _stage(tmp_path, "s1", [_row("a", "x"), _row("b", "y")], ["a", "b"])
-    assert db.load_shard(database, m1_again) == (0, 0)
+    assert db.load_shard(database, m1_again, tables=TABLES) == (0, 0)
     # a later run replaces the rows of the documents it covers, and only those
     m2 = _stage(tmp_path, "s2", [_row("a", "z", "r2")], ["a"], run="r2")
-    db.load_shard(database, m2)
+    db.load_shard(database, m2, tables=TABLES)
     con = duckdb.connect(database, read_only=True)
     rows = con.execute("SELECT doc_id, label, run_id, scores['other'] FROM classifications ORDER BY doc_id").fetchall()
     con.close()
@@ -129,7 +132,7 @@ def test_load_shard_is_idempotent_and_replaces_rows(tmp_path):
 
 def test_failed_load_leaves_no_partial_batch(tmp_path):
     database = str(tmp_path / "r.duckdb")
-    db.ensure_schema(database)
+    db.ensure_schema(database, tables=TABLES)
     manifest = _stage(tmp_path, "s1", [_row("a", "x")], ["a"])
     # sabotage: drop the target table's column so the INSERT fails inside the transaction
     con = duckdb.connect(database)
@@ -137,7 +140,7 @@ def test_failed_load_leaves_no_partial_batch(tmp_path):
     con.execute("INSERT INTO failed_docs (head, doc_id, error) VALUES ('topic', 'a', 'old failure')")
     con.close()
     with pytest.raises(duckdb.Error):
-        db.load_shard(database, manifest)
+        db.load_shard(database, manifest, tables=TABLES)
     con = duckdb.connect(database, read_only=True)
     assert con.execute("SELECT count(*) FROM failed_docs").fetchone() == (1,)  # delete rolled back
     assert con.execute("SELECT count(*) FROM loaded_shards").fetchone() == (0,)
@@ -148,8 +151,8 @@ def test_configured_staging_keeps_databases_apart(tmp_path):
     from storage.staging import staging_root
 
     a, b = tmp_path / "x" / "results.duckdb", tmp_path / "y" / "results.duckdb"
-    db.ensure_schema(str(a))
-    db.ensure_schema(str(b))
+    db.ensure_schema(str(a), tables=TABLES)
+    db.ensure_schema(str(b), tables=TABLES)
     assert staging_root(str(a)) == tmp_path / "x" / "results.duckdb.staging"
     shared = str(tmp_path / "shared")
     ra, rb = staging_root(str(a), shared), staging_root(str(b), shared)

@@ -11,7 +11,7 @@ from heads.loading import load_head
 from taskheads.tiny_models import base_tokenizer, build_bert
 from training import train_classifier, train_qa, train_token_classifier
 from training.heads import answer_positions, bio_labels, bio_tags
-from training.metrics import entity_prf, exact_match, macro_f1, normalize_answer, token_f1
+from core.metrics import entity_prf, exact_match, macro_f1, normalize_answer, token_f1
 
 PEOPLE = ["Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry"]
 PLACES = ["Paris", "London", "Berlin", "Madrid", "Rome", "Oslo", "Vienna", "Dublin"]

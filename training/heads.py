@@ -17,7 +17,7 @@ from heads.engine import pipe
 from heads.loading import load_head
 
 from .loop import IGNORE_INDEX, fit, load_base, save
-from .metrics import accuracy, entity_prf, exact_match, macro_f1, token_f1
+from core.metrics import accuracy, entity_prf, exact_match, macro_f1, token_f1
 
 QA_MAX_LENGTH = 384
 QA_STRIDE = 128

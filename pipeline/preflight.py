@@ -1,11 +1,11 @@
 """Checks that need the corpus but no model: run before any work so bad configs fail fast."""
 from __future__ import annotations
 
-from storage.corpus import CorpusError, corpus_files, check_files, readable_schema, validate_where
-
+from core.errors import ConfigError
+from storage.corpus import CorpusError, check_files, corpus_files, readable_schema, validate_where
 from storage.evaluate import GOLD_TASKS
 
-from .config import ConfigError, PipelineConfig
+from .config import PipelineConfig
 
 
 def preflight(cfg: PipelineConfig) -> list[str]:
@@ -28,7 +28,7 @@ def preflight(cfg: PipelineConfig) -> list[str]:
                               f"{', '.join(sorted(GOLD_TASKS))} heads, not {head.task}")
         routing = cfg.routing(head)
         if routing and schema is not None:
-            upstream = {u: cfg.head(u).table for u in cfg.upstream(head)}
+            upstream = {u: cfg.head(u).result_table for u in cfg.upstream(head)}
             clash = sorted(set(upstream) & set(schema.names))
             if clash:
                 raise ConfigError(f"heads.{head.name}: it reads head {clash[0]!r}, which is also the name of a "

@@ -1,0 +1,54 @@
+"""The model id of an unchanged config never changes: it keys every stored result (a new id means the
+whole corpus is inferred again). The ids below were computed by the code before the typed head
+declarations (issue 14) and must stay exactly these."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from heads.loading import load_head, model_identity
+from pipeline.config import parse_config
+from taskheads.tiny_models import build_bert, build_causal_lm
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pinned")
+    return {**tiny_models,
+            "masked_lm": str(build_bert(root / "mlm", "masked_lm", max_len=64, seed=6)),
+            "multiple_choice": str(build_bert(root / "mc", "multiple_choice", max_len=64, seed=7)),
+            "causal_lm": build_causal_lm(root / "lm", max_len=64, seed=8),
+            "embedding": tiny_models["classification"]}
+
+
+# (task, keys as a config gives them) -> the model id the code before the refactor computed
+PINNED = [
+    ("classification", {}, "1082486a82dad5fb"),
+    ("classification", {"long_text": "truncate", "stride": 32, "batch_tokens": 1024}, "8940a994744475e6"),
+    ("ner", {"aggregation": "SIMPLE", "stride": 16, "ignore_labels": ["O", "B-LOC"]}, "c8b7a023a193ed58"),
+    ("qa", {"questions": ["Who?", "When?"], "max_seq_len": 100, "doc_stride": 32, "allow_no_answer": True}, "3f34edd5205fd6a9"),
+    ("translation", {"num_beams": 2, "max_new_tokens": 20, "prefix": "x: "}, "26be2b273295a1e5"),
+    ("language", {"languages": ["en", "DE"], "min_confidence": 1, "max_chars": 500}, "58f4e0911594d3e0"),
+    ("masked_lm", {"mode": "pseudo_perplexity", "top_k": 3}, "ca847e3c9defe44c"),
+    ("causal_lm", {"mode": "generate", "prompt": "Q: {text}", "temperature": 2, "top_p": 1, "do_sample": True,
+                   "seed": 4, "max_new_tokens": 16}, "61492e290b550bad"),
+    ("multiple_choice", {"choices": ["a", "b"], "prompt": "{text}?"}, "f7c2bab6b0b3d658"),
+    ("embedding", {"pooling": "cls", "stride": 8}, "69b0c5a1aa6e46f2"),
+    ("embedding", {"normalize": True, "per_window": True, "max_seq_length": 32}, "042937c1626efb73"),
+]
+
+
+@pytest.mark.parametrize("task, keys, expected", PINNED)
+def test_model_id_of_an_unchanged_config_is_pinned(tmp_path, models, task, keys, expected):
+    raw = {"task": task, **({"model": models[task]} if task != "language" else {}), **keys}
+    cfg = parse_config({"corpus": "c.parquet", "database": "r.duckdb", "heads": {"h": raw}}, tmp_path)
+    (h,) = cfg.heads
+    head = load_head(h.name, h.task, h.model, params=h.params, device="cpu")
+    # the folder's path and weights vary per test session: hash a fixed source name instead
+    ident = model_identity(SimpleNamespace(**{**vars_of(h), "model": f"pinned/{task}"}), head)
+    assert ident["model_id"] == expected
+
+
+def vars_of(h) -> dict:
+    return {k: getattr(h, k) for k in ("name", "task", "model", "revision", "dtype", "params")}
