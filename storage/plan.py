@@ -134,7 +134,7 @@ class LevelPlan:
         self.heads = plans
         self._index = {h.name: i for i, h in enumerate(heads)}
         self._staged = staged  # head -> file_no -> staged input file (heads with `input`)
-        self._sources = [source_name(f) for f in self.files]  # a saved dataset's export: its folder
+        self._sources: dict[int, str] = {}  # file_no -> what reports name (read once, for files with units)
 
     def units(self, head: str, chunk: int = 16) -> Iterator[WorkUnit]:
         """The head's work units in order, `chunk` units read from DuckDB at a time."""
@@ -147,18 +147,24 @@ class LevelPlan:
             for _, items in groupby(rows, key=lambda r: r[0]):
                 yield self._unit(list(items), staged)
 
+    def _source(self, file_no: int) -> str:
+        """The file as reports name it: a saved dataset's export names its folder."""
+        if file_no not in self._sources:
+            self._sources[file_no] = source_name(self.files[file_no])
+        return self._sources[file_no]
+
     def _unit(self, items: list[tuple], staged: dict[int, str] | None) -> WorkUnit:
         file_no = items[0][1]
-        path = self.files[file_no]
+        path, source = self.files[file_no], self._source(file_no)
         todo = [r for r in items if not r[5]]
         refused = tuple((row, doc_id, f"duplicate id with different text (first seen in "
                                       f"{short_name(self.files[first_file])} row {first_row})")
                         for _, _, row, doc_id, _, conflict, first_file, first_row, _, _ in items if conflict)
         if staged is not None and items[0][9]:
             return WorkUnit(path=staged[file_no], rows=tuple(r[8] for r in todo), fingerprints=tuple(r[4] for r in todo),
-                            refused=refused, source=self._sources[file_no], source_rows=tuple(r[2] for r in todo))
+                            refused=refused, source=source, source_rows=tuple(r[2] for r in todo))
         return WorkUnit(path=path, rows=tuple(r[2] for r in todo), fingerprints=tuple(r[4] for r in todo),
-                        refused=refused, source=self._sources[file_no] if self._sources[file_no] != path else None)
+                        refused=refused, source=source if source != path else None)
 
     def close(self) -> None:
         self.con.close()
