@@ -9,12 +9,16 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: install browser demo test clean
 
-$(STAMP): pyproject.toml
+PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
+
+# pyproject.toml has ranges; constraints.txt the tested versions, so make installs exactly what is tested
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	# torch first, pinned: any other spec pulls a multi-GB CUDA build
-	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	# torch first, at the constrained CPU build: resolved together with the rest, pip may fetch a CUDA build
+	$(PIP) torch
+	$(PIP) -e '.[dev]'
+	$(PY) -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -129,6 +129,9 @@ class PipelineKeys(Keys):
     """models kept loaded per worker process (least recently used is unloaded); 0 = no limit"""
     max_attempts: Annotated[int, Field(ge=1)] = 3
     """times a document with a transient fault (out of memory, timeout) is tried before it counts as terminal"""
+    max_units_in_flight: Annotated[int, Field(ge=1)] | None = None
+    """work units submitted and not yet loaded, all heads of a level together (default: 2 per worker); units
+    are read from the plan as room frees up, so memory does not grow with the corpus"""
 
 
 # --- one line per problem ---------------------------------------------------------------------------

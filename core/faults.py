@@ -1,7 +1,8 @@
 """Test-only fault injection: prove crash safety and the handling of failed documents.
 
 TASKHEADS_KILL_AT="point:n" (e.g. "staged:2"): the n-th time the run reaches `point` the process gets
-SIGKILL, like a power cut: no cleanup, no exception handlers. Points: infer (results computed,
+SIGKILL, like a power cut: no cleanup, no exception handlers. With TASKHEADS_KILL_ONCE=PATH only the
+first process to get there dies (it creates PATH): a lost Dask worker whose unit runs again elsewhere. Points: infer (results computed,
 nothing staged), staged (package on disk, not loaded), load (inside the load transaction, before
 COMMIT), loaded (committed, package not yet removed).
 
@@ -31,6 +32,12 @@ def checkpoint(point: str) -> None:
         return
     _seen[point] += 1
     if _seen[point] == int(nth or 1):
+        once = os.environ.get("TASKHEADS_KILL_ONCE")
+        if once:
+            try:
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -38,6 +38,20 @@ def entity_prf(gold: Sequence[Iterable[tuple]], pred: Sequence[Iterable[tuple]])
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
+def entity_prf_by_label(gold: Sequence[Iterable[tuple]], pred: Sequence[Iterable[tuple]],
+                        labels: Iterable[str] | None = None) -> dict[str, dict]:
+    """`entity_prf` per entity type (the last element of each tuple), with the counts behind it:
+    {label: {precision, recall, f1, n_gold, n_pred}} for `labels` (default: every label seen)."""
+    gold, pred = [set(g) for g in gold], [set(p) for p in pred]
+    seen = {e[-1] for doc in gold + pred for e in doc}
+    out = {}
+    for label in sorted(set(labels) if labels is not None else seen):
+        g = [{e for e in doc if e[-1] == label} for doc in gold]
+        p = [{e for e in doc if e[-1] == label} for doc in pred]
+        out[label] = {**entity_prf(g, p), "n_gold": sum(map(len, g)), "n_pred": sum(map(len, p))}
+    return out
+
+
 def normalize_answer(text: str) -> str:
     """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
     text = text.lower()

@@ -72,3 +72,47 @@ def publish_run_artifact(summary: dict) -> None:
                                  summary["run_id"])), description=f"taskheads run {summary['run_id']}")
     except Exception as exc:  # the results are loaded; a report problem must not fail the run
         get_run_logger().warning(f"run artifact not published: {type(exc).__name__}: {exc}")
+
+
+def progress_key(head: str) -> str:
+    """A head's progress artifact key (Prefect keys: lowercase letters, digits and dashes)."""
+    return "taskheads-progress-" + head.lower().replace("_", "-")
+
+
+class HeadProgress:
+    """One progress artifact per head in the Prefect UI, moved as its units finish: what the CLI's
+    progress bars show on a terminal, for served and deployed runs that have none.
+
+    Counts documents of finished units, failed ones included (their failure is in the description).
+    An artifact the API refuses is a warning, never a failed run."""
+
+    def __init__(self, head: str, docs: int, units: int) -> None:
+        self.head, self.total, self.units = head, docs, units
+        self.docs = self.finished = self.failed = 0
+        self.id = self._call("create_progress_artifact", progress=self.percent(), key=progress_key(head),
+                             description=self.description())
+
+    def percent(self) -> float:
+        return 100.0 if self.finished == self.units else min(100.0, 100.0 * self.docs / max(self.total, 1))
+
+    def description(self) -> str:
+        failed = f", {self.failed} unit{'s' if self.failed != 1 else ''} failed" if self.failed else ""
+        return (f"head `{self.head}`: {self.docs}/{self.total} documents, "
+                f"{self.finished}/{self.units} units{failed}")
+
+    def unit_done(self, docs: int, failed: bool = False) -> None:
+        self.docs += docs
+        self.finished += 1
+        self.failed += failed
+        if self.id is not None:
+            self._call("update_progress_artifact", artifact_id=self.id, progress=self.percent(),
+                       description=self.description())
+
+    def _call(self, name: str, **kwargs):
+        from prefect import artifacts, get_run_logger
+
+        try:
+            return getattr(artifacts, name)(**kwargs)
+        except Exception as exc:  # the UI's view of progress must not stop the work
+            get_run_logger().warning(f"progress artifact of head {self.head} not updated: {type(exc).__name__}: {exc}")
+            return None

@@ -6,25 +6,28 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from core.errors import ConfigError
 from core.progress import emit
-from pipeline.config import load_config
+from pipeline.config import load_config, parse_config
 from pipeline.preflight import preflight
 from storage.db import run_lock
 from storage.plan import PlanHead
 from storage.staging import staging_dir
-from tasks.corpus import plan_corpus
+from tasks.corpus import plan_corpus, preview_corpus
 from tasks.evaluate import evaluate_gold
 from tasks.inference import infer_unit
 from tasks.load import finish_run, load_shard, recover_staged, start_run
-from tasks.models import register_models, resolve_model
+from tasks.models import identify_models, load_models, register_models
 
-from .artifact import publish_run_artifact
+from .artifact import HeadProgress, publish_run_artifact
 
 
 @dataclass
@@ -65,39 +68,84 @@ class RunSummary:
         return {name: asdict(h) for name, h in self.heads.items()}
 
 
-@flow(name="process-corpus", task_runner=ThreadPoolTaskRunner(max_workers=4))
-def process_corpus(config_path: str, corpus: str | None = None, database: str | None = None,
-                   full: bool = False, retry_failed: bool = False) -> dict:
+def run_name() -> str:
+    """`<config stem>-<UTC time>`: runs of one config read as one series in the Prefect UI."""
+    config = flow_run.parameters.get("config_path")
+    stem = Path(config).stem if isinstance(config, (str, Path)) else "pipeline"
+    return f"{stem}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+
+@flow(name="process-corpus", flow_run_name=run_name, task_runner=ThreadPoolTaskRunner(max_workers=4))
+def process_corpus(config_path: str | None = None, corpus: str | None = None, database: str | None = None,
+                   full: bool = False, retry_failed: bool = False, config: dict | None = None) -> dict:
     """Run every configured head over the corpus; only new or changed documents unless `full`.
+
+    The config is the TOML file `config_path`, or `config`: the same keys as a dict, relative paths
+    from the working directory (`taskheads.run` passes them resolved; `config_path` then only
+    names the file it came from, if any, for lineage).
 
     Documents that failed before are tried again when the fault was transient (up to
     `max_attempts`), or all of them with `retry_failed`.
 
-    Heads run level by level (a head after the heads whose results it reads); the units of one level
-    are submitted together, so independent heads run concurrently (on Dask workers with
-    `--runner dask`), and each finished unit is loaded here, by the one process that writes DuckDB.
+    Heads run level by level (a head after the heads whose results it reads); the units of one level's
+    heads are submitted in turns through a window of `max_units_in_flight`, so independent heads run
+    concurrently (on Dask workers with `--runner dask`), and each finished unit is loaded here, by the
+    one process that writes DuckDB. Model ids come from the files: a model loads only for a head that
+    has work (a rerun with nothing to do loads none).
     """
     started = time.perf_counter()
-    cfg = load_config(config_path).with_overrides(corpus=corpus, database=database)
+    if config is not None:
+        cfg = parse_config(config, Path.cwd(), source=config_path)
+    elif config_path is not None:
+        cfg = load_config(config_path)
+    else:
+        raise ConfigError("process_corpus: needs config_path (a TOML file) or config (a dict)")
+    cfg = cfg.with_overrides(corpus=corpus, database=database)
     preflight(cfg)
     log = get_run_logger()
     run_id = str(flow_run.get_id() or "local")
     s = RunSummary(run_id=run_id, database=cfg.database, heads={h.name: HeadSummary(task=h.task) for h in cfg.heads})
-    plan_heads, identities = _plan_heads(cfg, s)  # every model loads before anything is written
+    plan_heads, identities = _plan_heads(cfg, s)  # from the models' files: nothing loaded yet
+    levels = [list(level) for level in cfg.levels()]
+    preview: list = []
+    if not Path(cfg.database).exists():  # a first run: every head has work; load them before any write
+        load_models(list(cfg.heads), cfg.max_resident_models)
     with run_lock(cfg.database):
+        if Path(cfg.database).exists():
+            # what each head has to do, read-only; only heads with work load their model (here, once per
+            # process: units on the thread runner reuse it), before the run writes anything
+            preview = preview_corpus(cfg.corpus, cfg.database, [[plan_heads[h.name] for h in level] for level in levels],
+                                     cfg.id_column, cfg.text_column, cfg.unit_docs, full, cfg.max_attempts,
+                                     retry_failed)
+            busy = _heads_with_work(levels, preview)
+            load_models([h for h in cfg.heads if h.name in busy], cfg.max_resident_models)
         start_run(cfg.database, run_id, cfg.source, cfg.corpus)
         try:
             register_models(cfg.database, identities)
             s.recovered_rows = recover_staged(cfg.database, run_id, cfg.staging)
             staging = staging_dir(cfg.database, run_id, cfg.staging)
-            for depth, level in enumerate(cfg.levels()):
-                files, usable, plans, docs_read, errors = plan_corpus(
-                    cfg.corpus, cfg.database, [plan_heads[h.name] for h in level], cfg.id_column, cfg.text_column,
-                    cfg.unit_docs, full, str(staging / "inputs"), cfg.max_attempts, retry_failed)
+            changed = s.recovered_rows > 0
+            window = cfg.max_units_in_flight or 2 * _workers()
+            for depth, level in enumerate(levels):
+                known = preview[depth] if depth < len(preview) else None
+                if known is not None and not changed and not any(p.n_units for p in known[2].values()):
+                    files, usable, plans, docs_read, errors = known  # nothing to do: the preview is the plan
+                    level_plan = None
+                else:
+                    files, usable, level_plan, errors = plan_corpus(
+                        cfg.corpus, cfg.database, [plan_heads[h.name] for h in level], cfg.id_column,
+                        cfg.text_column, cfg.unit_docs, full, str(staging / "inputs"), cfg.max_attempts,
+                        retry_failed, str(staging / "plan-spill"))
+                    plans, docs_read = level_plan.heads, level_plan.rows_scanned
+                    changed = changed or any(p.n_units for p in plans.values())
                 if depth == 0:
                     s.files, s.docs_read = len(files), docs_read
                 s.file_errors += [e for e in errors if e not in s.file_errors]
-                _run_level(cfg, level, plans, s, str(staging))
+                try:
+                    _run_level(cfg, level, plans, level_plan, s, str(staging), window)
+                finally:
+                    if level_plan is not None:
+                        level_plan.close()
                 _check_heads(level, s)
                 for h in level:
                     if h.gold_column:
@@ -119,59 +167,114 @@ def process_corpus(config_path: str, corpus: str | None = None, database: str | 
 
 
 def _plan_heads(cfg, s: RunSummary) -> tuple[dict[str, PlanHead], list[dict]]:
-    """Load each head once here for its model identity, then describe what planning needs of it.
+    """Each head's model identity from its files (no model loaded), and what planning needs of it.
 
-    Writes nothing: a head that cannot run (e.g. untrained task weights) stops the run before its
-    `runs` row exists. Returns the plan heads and the identities to register in `models`."""
-    resolved = {h.name: resolve_model(h, cfg.max_resident_models) for h in cfg.heads}
-    for name, (identity, _) in resolved.items():
+    Returns the plan heads (their earlier, version-1 ids as aliases: rows stored under them count until
+    they are mapped) and the identities to register in `models`."""
+    identified = dict(zip([h.name for h in cfg.heads], identify_models(list(cfg.heads))))
+    for name, (identity, _) in identified.items():
         s.heads[name].model_id = identity["model_id"]
         s.heads[name].backend = identity.get("backend", "torch")
         s.heads[name].backend_auto = cfg.head(name).backend == "auto"
-    plans = {h.name: PlanHead(h.name, cfg.routing(h), resolved[h.name][1], resolved[h.name][0]["model_id"],
-                              upstream=tuple((u, cfg.head(u).result_table) for u in cfg.upstream(h)), input=h.input)
+    plans = {h.name: PlanHead(h.name, cfg.routing(h), identified[h.name][1], identified[h.name][0]["model_id"],
+                              upstream=tuple((u, cfg.head(u).result_table) for u in cfg.upstream(h)), input=h.input,
+                              aliases=(identified[h.name][0]["legacy_model_id"],))
              for h in cfg.heads}
-    return plans, [identity for identity, _ in resolved.values()]
+    return plans, [identity for identity, _ in identified.values()]
 
 
-def _run_level(cfg, level, plans, s: RunSummary, staging: str) -> None:
-    """Submit every unit of the level's heads, load each as it finishes (in this process)."""
+def _heads_with_work(levels, preview) -> set[str]:
+    """Heads the preview gives units to, every head of a level it could not plan, and every head after
+    a level with work (its upstream results change)."""
+    busy: set[str] = set()
+    for level, known in zip(levels, preview):
+        if known is None or busy:
+            busy |= {h.name for h in level}
+        else:
+            busy |= {name for name, plan in known[2].items() if plan.n_units}
+    return busy
+
+
+def _workers() -> int:
+    """Processes or threads the flow's task runner runs units on (threads, or Dask's n_workers)."""
+    from prefect.context import FlowRunContext
+
+    runner = getattr(FlowRunContext.get(), "task_runner", None)
+    n = getattr(runner, "_max_workers", None) or (getattr(runner, "cluster_kwargs", None) or {}).get("n_workers")
+    return int(n or 1)
+
+
+def _round_robin(level, level_plan):
+    """(head config, unit) of the level's heads in turns, read from the plan only as they are asked for."""
+    streams = [(h, iter(level_plan.units(h.name))) for h in level] if level_plan is not None else []
+    while streams:
+        for entry in list(streams):
+            h, units = entry
+            unit = next(units, None)
+            if unit is None:
+                streams.remove(entry)
+            else:
+                yield h, unit
+
+
+def _run_level(cfg, level, plans, level_plan, s: RunSummary, staging: str, window: int) -> None:
+    """Submit the level's units through a window of `window` units in flight (submitted, not yet
+    loaded), loading each as it finishes (in this process); the next unit is read from the plan only
+    when one leaves the window, so memory follows the window, not the corpus."""
     t0 = time.perf_counter()
-    pending = {}
+    log = get_run_logger()
+    progress: dict[str, HeadProgress] = {}
     for h in level:
         hs, plan = s.heads[h.name], plans[h.name]
         hs.routed, hs.unchanged, hs.duplicates = plan.routed, plan.unchanged, plan.duplicates
         hs.retried, hs.skipped_failed = plan.retried, plan.skipped_failed
-        emit("head_planned", head=h.name, units=len(plan.units), docs=plan.to_infer + plan.conflicts)
-        for unit in plan.units:
-            future = infer_unit.submit(unit, h, cfg.id_column, cfg.text_column, s.run_id, hs.model_id, staging,
-                                       cfg.max_resident_models)
-            pending[future] = (h, unit)
-    log = get_run_logger()
-    for future in as_completed(list(pending)):
-        h, unit = pending[future]
-        hs = s.heads[h.name]
-        try:
-            out = future.result()
-            hs.rows += load_shard(cfg.database, out.manifest)[0]
-        except Exception as exc:  # a bug, a broken model, a file changed mid-run: loud, and the rest goes on
-            log.error(f"head {h.name}, unit {unit.unit_id} failed; its documents stay as they were and are "
-                      "retried next run", exc_info=exc)
-            s.file_errors.append(f"{unit.source or unit.path}: {h.name} failed on rows {unit.unit_id} "
-                                 f"({type(exc).__name__}: {str(exc).strip()[:200]})")
-            emit("unit_done", head=h.name, docs=len(unit.rows) + len(unit.refused), failed=0)
-            continue
-        finally:
-            hs.seconds = time.perf_counter() - t0  # the head's share of the level: until its last unit
-        hs.inferred += out.inferred
-        hs.done += out.done
-        hs.failed += out.failed
-        hs.model_failed += out.model_failed
-        for reason, n in out.reasons:
-            hs.reasons[reason] = hs.reasons.get(reason, 0) + n
-        if out.worker not in hs.workers:
-            hs.workers.append(out.worker)
-        emit("unit_done", head=h.name, docs=len(unit.rows) + len(unit.refused), failed=out.failed)
+        log.info(f"plan {h.name}: {plan.routed} routed, {plan.unchanged} unchanged, {plan.duplicates} duplicates, "
+                 f"{plan.skipped_failed} failed before and skipped; {plan.to_infer} to infer ({plan.retried} retried) "
+                 f"in {plan.n_units} units" + (f", {plan.conflicts} conflicting ids" if plan.conflicts else ""))
+        emit("head_planned", head=h.name, units=plan.n_units, docs=plan.to_infer + plan.conflicts)
+        progress[h.name] = HeadProgress(h.name, plan.to_infer + plan.conflicts, plan.n_units)
+    pending: dict = {}
+    numbers = {h.name: 0 for h in level}
+    for h, unit in _round_robin(level, level_plan):
+        while len(pending) >= window:
+            _finish_one(cfg, pending, progress, s, t0)
+        numbers[h.name] += 1  # task runs read `infer-<head>-<n>` in the UI
+        future = infer_unit.with_options(task_run_name=f"infer-{h.name}-{numbers[h.name]}").submit(
+            unit, h, cfg.id_column, cfg.text_column, s.run_id, s.heads[h.name].model_id, staging,
+            cfg.max_resident_models)
+        pending[future] = (h, unit)
+    while pending:
+        _finish_one(cfg, pending, progress, s, t0)
+
+
+def _finish_one(cfg, pending: dict, progress: dict, s: RunSummary, t0: float) -> None:
+    """Wait for the first unit in flight to finish, load its package and count it."""
+    future = next(iter(as_completed(list(pending))))
+    h, unit = pending.pop(future)
+    hs = s.heads[h.name]
+    try:
+        out = future.result()
+        hs.rows += load_shard(cfg.database, out.manifest)[0]
+    except Exception as exc:  # a bug, a broken model, a file changed mid-run: loud, and the rest goes on
+        get_run_logger().error(f"head {h.name}, unit {unit.unit_id} failed; its documents stay as they were and "
+                               "are retried next run", exc_info=exc)
+        s.file_errors.append(f"{unit.source or unit.path}: {h.name} failed on rows {unit.unit_id} "
+                             f"({type(exc).__name__}: {str(exc).strip()[:200]})")
+        emit("unit_done", head=h.name, docs=len(unit.rows) + len(unit.refused), failed=0)
+        progress[h.name].unit_done(len(unit.rows) + len(unit.refused), failed=True)
+        return
+    finally:
+        hs.seconds = time.perf_counter() - t0  # the head's share of the level: until its last unit
+    hs.inferred += out.inferred
+    hs.done += out.done
+    hs.failed += out.failed
+    hs.model_failed += out.model_failed
+    for reason, n in out.reasons:
+        hs.reasons[reason] = hs.reasons.get(reason, 0) + n
+    if out.worker not in hs.workers:
+        hs.workers.append(out.worker)
+    emit("unit_done", head=h.name, docs=len(unit.rows) + len(unit.refused), failed=out.failed)
+    progress[h.name].unit_done(len(unit.rows) + len(unit.refused))
 
 
 def _check_heads(level, s: RunSummary) -> None:

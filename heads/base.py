@@ -90,9 +90,20 @@ class Head:
     def setup(self) -> None:
         """Derive per-model constants (window size, label map); called once after loading."""
 
+    @classmethod
+    def params_from_files(cls, name: str, p: Mapping[str, Any], folder: Any) -> dict:
+        """`p` as `setup` leaves it, from the model folder's files alone (heads.identity hashes it into the
+        model id without loading the model). A head whose `setup` changes `self.p` overrides both alike."""
+        return dict(p)
+
+    @classmethod
+    def columns_for(cls, p: Mapping[str, Any]) -> list[str]:
+        """Corpus columns besides id and text the head reads with these params (no model needed)."""
+        return []
+
     def needed_columns(self) -> list[str]:
         """Corpus columns besides id and text that `encode` reads from `doc.fields`."""
-        return []
+        return self.columns_for(self.p)
 
     # --- the contract -------------------------------------------------------------------
     def encode(self, doc: Doc) -> list[Feature]:

@@ -71,26 +71,18 @@ class EmbeddingHead(Head):
     Params = EmbeddingParams
 
     def setup(self) -> None:
-        try:
-            declared = sentence_transformers_settings(_model_files(self.model))
-        except ValueError as exc:
-            raise ValueError(f"heads.{self.name}: {exc}") from None
-        limit = self.max_length()
-        pooling = self.p["pooling"] if self.p["pooling"] != "auto" else declared.get("pooling", "mean")
-        if pooling not in POOLING:
-            raise ValueError(f"heads.{self.name}: pooling {pooling!r} declared by the model folder is not "
-                             f"supported (supported: {', '.join(POOLING)})")
-        normalize = self.p["normalize"] if self.p["normalize"] is not None else declared.get("normalize", False)
-        window = self.p["max_seq_length"] or declared.get("max_seq_length") or limit
-        if window > limit:
-            raise ValueError(f"heads.{self.name}: max_seq_length {window} exceeds the model's limit of {limit} tokens")
-        if window < 3:
-            raise ValueError(f"heads.{self.name}: max_seq_length {window} leaves no room for text")
+        declared = _declared(self.name, _model_files(self.model))
         # resolved values become the head's params: they are part of its model id (models.params)
-        self.p = {**self.p, "pooling": pooling, "normalize": bool(normalize), "max_seq_length": int(window)}
-        self.window = int(window)
+        self.p = resolve_params(self.name, self.p, declared, self.max_length())
+        self.window = int(self.p["max_seq_length"])
         self.lowercase = bool(declared.get("do_lower_case", False))
         self.dim = int(self.model.config.hidden_size)
+
+    @classmethod
+    def params_from_files(cls, name: str, p, folder) -> dict:
+        """What `setup` resolves, from the folder's files: the model's limit is the smaller of the
+        tokenizer's `model_max_length` and the config's position embeddings, as `Head.max_length`."""
+        return resolve_params(name, p, _declared(name, _model_files_at(str(folder))), _files_max_length(Path(folder)))
 
     # --- the contract ----------------------------------------------------------------------
     def encode(self, doc: Doc) -> list[Feature]:
@@ -183,9 +175,50 @@ def _finish(v: np.ndarray, normalize: bool) -> np.ndarray:
     return v.astype(np.float32)
 
 
+def resolve_params(name: str, p, declared: dict, limit: int) -> dict:
+    """The head's params with `auto` pooling, unset normalisation and window resolved (as the folder
+    declares, else the defaults), checked against the model's limit."""
+    pooling = p["pooling"] if p["pooling"] != "auto" else declared.get("pooling", "mean")
+    if pooling not in POOLING:
+        raise ValueError(f"heads.{name}: pooling {pooling!r} declared by the model folder is not "
+                         f"supported (supported: {', '.join(POOLING)})")
+    normalize = p["normalize"] if p["normalize"] is not None else declared.get("normalize", False)
+    window = p["max_seq_length"] or declared.get("max_seq_length") or limit
+    if window > limit:
+        raise ValueError(f"heads.{name}: max_seq_length {window} exceeds the model's limit of {limit} tokens")
+    if window < 3:
+        raise ValueError(f"heads.{name}: max_seq_length {window} leaves no room for text")
+    return {**p, "pooling": pooling, "normalize": bool(normalize), "max_seq_length": int(window)}
+
+
+def _declared(name: str, files: dict) -> dict:
+    try:
+        return sentence_transformers_settings(files)
+    except ValueError as exc:
+        raise ValueError(f"heads.{name}: {exc}") from None
+
+
+def _files_max_length(folder: Path) -> int:
+    """`base.model_max_length` of the model in `folder`, from tokenizer_config.json and config.json."""
+    tok = _read_json(str(folder), "tokenizer_config.json") or {}
+    cfg = _read_json(str(folder), "config.json") or {}
+    limits = []
+    tok_max = tok.get("model_max_length", tok.get("max_len"))
+    if isinstance(tok_max, int) and not isinstance(tok_max, bool) and 0 < tok_max < 1_000_000:
+        limits.append(tok_max)
+    pos = cfg.get("max_position_embeddings")
+    if isinstance(pos, int) and not isinstance(pos, bool) and pos > 0:
+        offset = 2 if cfg.get("model_type", "") in {"roberta", "xlm-roberta", "camembert"} else 0
+        limits.append(pos - offset)
+    return min(limits) if limits else 512
+
+
 def _model_files(model: Any) -> dict[str, dict | list | None]:
     """The sentence-transformers files of the folder (or hub snapshot) the model came from; None when absent."""
-    source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "")
+    return _model_files_at(getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", ""))
+
+
+def _model_files_at(source: str) -> dict[str, dict | list | None]:
     names = ["modules.json", "sentence_bert_config.json"]
     modules = _read_json(source, "modules.json")
     pooling_dir = next((m.get("path") for m in modules or [] if str(m.get("type", "")).endswith(".Pooling")), None)

@@ -84,8 +84,13 @@ class LanguageHead(Head):
         if self.p["low_accuracy"]:
             builder = builder.with_low_accuracy_mode()
         self.detector = builder.build()
-        # canonical codes (lower-case, sorted): the same choice of languages is the same identity
-        self.p = {**self.p, "languages": codes, "lingua_version": version("lingua-language-detector")}
+        self.p = self.params_from_files(self.name, self.p, None)
+
+    @classmethod
+    def params_from_files(cls, name: str, p, folder) -> dict:
+        """Canonical codes (lower-case, sorted: the same choice of languages is the same identity) and
+        the lingua version (its models ship in the wheel), as `setup` records them."""
+        return {**p, "languages": sorted(_codes(p["languages"])), "lingua_version": version("lingua-language-detector")}
 
     # --- no transformer: the model helpers of the base class do not apply ---------------------
     @property

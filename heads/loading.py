@@ -221,40 +221,9 @@ def using_head(cfg, max_resident_models: int = 0):
         yield head
 
 
-def _sha256_files(paths) -> str:
-    import hashlib
+def model_identity(cfg, head: Head | None = None) -> dict:
+    """Lineage of a head: what exactly produces its rows (source, revision, files, params), computed
+    from the model's files without loading it (heads.identity); with a loaded `head`, from its params."""
+    from .identity import file_identity
 
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def model_identity(cfg, head: Head) -> dict:
-    """Lineage of a loaded head: what exactly produced the rows (source, revision, weights, params)."""
-    import hashlib
-    import json
-
-    resolved = getattr(getattr(head.model, "config", None), "_commit_hash", None)
-    weights = None
-    if head.model is not None and Path(cfg.model).is_dir():
-        folder = Path(cfg.model)
-        weights = _sha256_files(list(folder.glob("*.safetensors")) + [folder / "config.json"])
-    params = {k: head.p[k] for k in sorted(head.p)}
-    # --- backend (heads/backends): part of the id only when not torch, so torch ids never change
-    backend = getattr(head, "backend", None) or "torch"
-    parts = [cfg.task, cfg.model, cfg.revision, resolved, weights, params, cfg.dtype]
-    if backend != "torch":
-        parts.append(backend)
-    fingerprint = json.dumps(parts, sort_keys=True, default=str)
-    from .backends import tagged_dtype
-
-    return {
-        "model_id": hashlib.sha256(fingerprint.encode()).hexdigest()[:16],
-        "head": cfg.name, "task": cfg.task, "source": cfg.model, "revision": cfg.revision,
-        "resolved_revision": resolved, "weights_sha256": weights, "params": params,
-        "dtype": tagged_dtype(cfg.dtype, backend), "backend": backend,
-    }
+    return file_identity(cfg, params=head.p if head is not None else None)

@@ -90,8 +90,9 @@ class MultipleChoiceHead(Head):
         for c in self.choices:  # a config option too long for the window would fail every document
             self._check_choice(c)
 
-    def needed_columns(self) -> list[str]:
-        return [self.choices_column] if self.choices_column else []
+    @classmethod
+    def columns_for(cls, p) -> list[str]:
+        return [p["choices_column"]] if p.get("choices_column") else []
 
     def choices_for(self, doc: Doc) -> list[str]:
         """The config options, then those of the choices column; stripped, blanks and repeats dropped."""

@@ -116,8 +116,9 @@ class QuestionAnsweringHead(Head):
         for q in self.questions:  # a config question too long for the window would fail every document
             self._stride_for(q)
 
-    def needed_columns(self) -> list[str]:
-        return [self.question_column] if self.question_column else []
+    @classmethod
+    def columns_for(cls, p) -> list[str]:
+        return [p["question_column"]] if p.get("question_column") else []
 
     def questions_for(self, doc: Doc) -> list[str]:
         """The config questions, then those of the question column; stripped, blanks and repeats dropped."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from core.errors import ConfigError
+from heads.registry import head_class
 from storage.corpus import CorpusError, check_files, corpus_files, readable_schema, validate_where
 from storage.evaluate import GOLD_TASKS
 
@@ -38,3 +39,12 @@ def preflight(cfg: PipelineConfig) -> list[str]:
                 key = "where" if head.where else ("source_lang" if head.source_lang else "input")
                 raise ConfigError(f"heads.{head.name}.{key}: invalid predicate {routing!r}: {problem}")
     return files
+
+
+def unpinned_models(cfg: PipelineConfig) -> list[str]:
+    """One line per head whose model is a hub id without `revision`: the hub may serve other weights
+    tomorrow (a new commit on the default branch), and the run would not say so."""
+    return [f"heads.{h.name}.model: hub model {h.model!r} is not pinned; add revision = \"<commit sha>\" "
+            "so every run loads the same weights"
+            for h in cfg.heads
+            if head_class(h.task).model_class is not None and h.revision is None and not h.is_local]

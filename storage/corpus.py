@@ -1,6 +1,8 @@
 """Reading document corpora from Parquet: listing and checking files, reading rows as documents.
 
-A corpus is a file, a folder (all *.parquet below it) or a glob. Files are read by the row groups
+A corpus is a file, a folder (all *.parquet below it) or a glob. A saved Hugging Face dataset folder
+(`save_to_disk`), given or found inside a corpus folder, is read through its cached Parquet export
+(storage.saved_dataset): each Dataset, or each split of a DatasetDict, is one file of the corpus. Files are read by the row groups
 holding a work unit's rows, never whole, so memory does not grow with corpus size. A file that
 cannot be used is reported with its name and the problem, and the other files still run.
 """
@@ -19,23 +21,43 @@ import pyarrow.parquet as pq
 from core.doc import Doc
 from core.tables import ResultTable
 
+from .saved_dataset import DatasetLoadError, dataset_sources, export, is_saved_dataset, short_name
+
 
 class CorpusError(Exception):
     """The corpus as a whole cannot be read (e.g. the glob matches nothing)."""
 
 
 def corpus_files(spec: str) -> list[str]:
+    """The corpus's Parquet files in order; a saved dataset (split) stands at its folder's place as
+    its cached export, or as the folder itself when it cannot be loaded (check_files says why)."""
     p = Path(spec)
     # broken links and unreadable files are kept: check_files names them instead of skipping silently
+    files: list[str] = []
+    datasets: list[str] = []  # saved Dataset folders (a DatasetDict's splits), even when missing
     if p.is_file():
         files = [str(p)]
     elif p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*.parquet") if f.is_file() or f.is_symlink())
+        files = [str(f) for f in p.rglob("*.parquet") if f.is_file() or f.is_symlink()]
+        datasets = [str(d) for d in dataset_sources(p)]
     else:
-        files = sorted(f for f in globlib.glob(spec, recursive=True) if os.path.isfile(f) or os.path.islink(f))
-    if not files:
-        raise CorpusError(f"corpus {spec!r}: no Parquet files found")
-    return files
+        for f in globlib.glob(spec, recursive=True):
+            if os.path.isfile(f) or os.path.islink(f):
+                files.append(f)
+            elif os.path.isdir(f) and is_saved_dataset(Path(f)):
+                datasets += [str(d) for d in dataset_sources(Path(f))]
+    folders = set(datasets)
+    out = [_exported(s) if s in folders else s for s in sorted(set(files) | folders)]
+    if not out:
+        raise CorpusError(f"corpus {spec!r}: no Parquet files found (nor saved datasets)")
+    return out
+
+
+def _exported(folder: str) -> str:
+    try:
+        return export(folder)
+    except DatasetLoadError:
+        return folder
 
 
 def _describe(exc: BaseException) -> str:
@@ -48,6 +70,13 @@ def check_files(files: Sequence[str], required: Sequence[str]) -> tuple[list[str
     good: list[str] = []
     errors: list[str] = []
     for path in files:
+        if os.path.isdir(path) or os.path.isfile(os.path.join(os.path.dirname(path), "dataset_dict.json")):
+            # a saved dataset (split) whose export failed: load it again for the reason
+            try:
+                path = export(path)
+            except DatasetLoadError as exc:
+                errors.append(f"{path}: not a loadable saved Hugging Face dataset ({exc})")
+                continue
         try:
             pq.ParquetFile(path).metadata  # footer readable
             names = set(pq.read_schema(path).names)
@@ -168,7 +197,7 @@ def read_docs(path: str, rows: Sequence[int], id_column: str, text_column: str,
         doc_id, text = ids[k], texts[k]
         problem = None
         if doc_id is None:
-            problem = f"null id (row {row} of {Path(path).name})"
+            problem = f"null id (row {row} of {short_name(path)})"
         elif text is None:
             problem = "null text"
         elif not isinstance(text, str):

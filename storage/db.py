@@ -22,6 +22,7 @@ from core.faults import checkpoint
 from core.tables import ResultTable
 
 from . import migrations
+from .schema import META_TABLE
 from .migrations import MigrationError  # noqa: F401  (raised from here)
 from .staging import BadPackage, clear_staging, quarantine, read_manifest, remove_shard, staged_manifests
 
@@ -176,6 +177,61 @@ def register_model(database: str, model: dict[str, Any]) -> None:
             [model["model_id"], model["head"], model["task"], model["source"], model.get("revision"),
              model.get("resolved_revision"), model.get("weights_sha256"), json.dumps(model.get("params", {})),
              model.get("dtype"), _now()])
+    finally:
+        con.close()
+
+
+def last_throughput(database: str) -> dict[str, float]:
+    """Documents per second each head inferred in the most recent run where it inferred any (from
+    runs.head_stats: inferred / seconds), read-only; {} without a database."""
+    if not Path(database).exists():
+        return {}
+    con = connect(database, read_only=True)
+    try:
+        rows = con.execute("SELECT head_stats FROM runs WHERE head_stats IS NOT NULL "
+                           "ORDER BY started_at DESC LIMIT 200").fetchall()
+    finally:
+        con.close()
+    rates: dict[str, float] = {}
+    for (stats,) in rows:
+        try:
+            heads = json.loads(stats)
+        except ValueError:
+            continue
+        for head, h in (heads.items() if isinstance(heads, dict) else ()):
+            if head not in rates and isinstance(h, dict) and h.get("inferred") and h.get("seconds"):
+                rates[head] = float(h["inferred"]) / float(h["seconds"])
+    return rates
+
+
+def map_legacy_model(database: str, model: dict[str, Any], *, tables: Sequence[ResultTable]) -> int:
+    """Give the rows stored under the model's version-1 id (`legacy_model_id`, recorded in `models` by a
+    run before identity version 2) its current id, once, in one transaction: the same files made them,
+    so they are not inferred again and the latest views keep them. Returns the doc_state rows mapped.
+
+    The mapping is recorded in taskheads_meta (`legacy_model:<old id>` = new id), so later runs skip it
+    and a later change of the model (another new id) does not inherit the old rows."""
+    legacy, new, head = model.get("legacy_model_id"), model["model_id"], model["head"]
+    if not legacy or legacy == new:
+        return 0
+    con = connect(database)
+    try:
+        key = f"legacy_model:{legacy}"
+        if con.execute(f"SELECT 1 FROM {META_TABLE} WHERE key = ?", [key]).fetchone():
+            return 0
+        if not con.execute("SELECT 1 FROM models WHERE model_id = ? AND head = ?", [legacy, head]).fetchone():
+            return 0
+        present = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = "
+                                             "current_database() AND schema_name = 'main'").fetchall()}
+        con.execute("BEGIN TRANSACTION")
+        (mapped,) = con.execute("SELECT count(*) FROM doc_state WHERE head = ? AND model_id = ?",
+                                [head, legacy]).fetchone()
+        for table in ["doc_state", "failed_docs", "evaluations", *sorted({t.name for t in tables})]:
+            if table in present:
+                con.execute(f"UPDATE {table} SET model_id = ? WHERE head = ? AND model_id = ?", [new, head, legacy])
+        con.execute(f"INSERT OR REPLACE INTO {META_TABLE} (key, value) VALUES (?, ?)", [key, new])
+        con.execute("COMMIT")
+        return mapped
     finally:
         con.close()
 

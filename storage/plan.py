@@ -13,17 +13,25 @@ the flow plans them after their upstream heads are loaded. A head reading a tran
 file (staged Parquet of the rows to infer, translated text in the text column), so workers never
 open the database.
 
-The database is attached read-only, so planning never blocks readers for long and never writes. The
-connection is sandboxed (storage.sandbox): each `where` must be one expression and is spliced as DuckDB
-prints it; the connection can open only the corpus files (by their literal names: no globbing) and the
+Plans stream (`open_plan`): the classification and the work units live in DuckDB tables of the
+planning connection (its buffer pool bounded by `memory_limit`, spilling to `temp_directory`), and
+units are read out a few at a time as the flow submits them, so Python never holds an object per
+corpus row: the planner's memory does not grow with the corpus. Counts per head come from SQL
+before any unit is read. `plan_work` is the same plan with every unit in a list (small corpora, tests).
+
+The database is attached read-only while planning and detached once the plan is made (the flow
+then loads into it), so planning never blocks readers for long and never writes. The connection is
+sandboxed (storage.sandbox): each `where` must be one expression and is spliced as DuckDB prints it;
+the connection can open only the corpus files (by their literal names: no globbing) and the
 database. Ids become text through corpus.id_text, the form the loader's read_docs uses too.
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import groupby
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import duckdb
 import pyarrow.parquet as pq
@@ -32,8 +40,13 @@ from core.names import quote
 from core.tables import ResultTable
 
 from .corpus import id_text
+from .saved_dataset import short_name, source_name
 from .sandbox import check_expression, literal_path, sandboxed_connection
 from .schema import upstream_sql
+
+
+# the planning connection's buffer pool; beyond it DuckDB spills to the run's staging folder
+PLAN_MEMORY_LIMIT = "1GB"
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,7 @@ class PlanHead:
     model_id: str
     upstream: tuple[tuple[str, ResultTable], ...] = ()  # (head, its result table) this head's `where` or input reads
     input: str | None = None  # translation head whose output replaces the text column
+    aliases: tuple[str, ...] = ()  # earlier ids of the same model (identity version 1): their results count
 
 
 @dataclass(frozen=True)
@@ -55,7 +69,8 @@ class WorkUnit:
     fingerprints: tuple[str | None, ...]
     # rows refused at planning time: (row, doc_id, reason)
     refused: tuple[tuple[int, str | None, str], ...] = ()
-    # when `path` is a staged input file (translated text): the corpus file and row of each of `rows`
+    # what reports name: the corpus file and row of each of `rows` when `path` is a staged input file
+    # (translated text); the saved dataset folder when `path` is its cached export (rows are its rows)
     source: str | None = None
     source_rows: tuple[int, ...] | None = None
 
@@ -70,7 +85,7 @@ class WorkUnit:
 
 @dataclass
 class HeadPlan:
-    units: list[WorkUnit] = field(default_factory=list)
+    units: list[WorkUnit] = field(default_factory=list)  # filled by plan_work only; open_plan streams them
     routed: int = 0
     unchanged: int = 0
     to_infer: int = 0
@@ -78,6 +93,7 @@ class HeadPlan:
     conflicts: int = 0  # same id, different text: reported in failed_docs
     retried: int = 0  # of to_infer: failed before on the same text and model, tried again
     skipped_failed: int = 0  # failed before on the same text and model, not retried (terminal, or out of attempts)
+    n_units: int = 0
 
 
 def _fingerprint_sql(text: str, text_is_string: bool, extras: Sequence[str], present: set[str]) -> str:
@@ -102,13 +118,74 @@ def source_sql(rows: str, upstream: Sequence[str], id_column: str) -> str:
     return f"(SELECT c.*{cols} FROM {rows} c{joins}) src"
 
 
-def plan_work(database: str | None, files: Sequence[str], heads: Sequence[PlanHead], id_column: str,
+@dataclass(frozen=True)
+class RetryRule:
+    max_attempts: int = 3
+    retry_all: bool = False  # --retry-failed / --full: every earlier failure is tried again
+
+
+class LevelPlan:
+    """The plan of one level's heads, open: counts per head (`heads`) at once, work units read from the
+    planning connection on demand (`units`). Close it (or use `with`) when the level is done."""
+
+    def __init__(self, con, files: Sequence[str], heads: Sequence[PlanHead], plans: dict[str, HeadPlan],
+                 rows_scanned: int, errors: list[str], staged: dict[str, dict[int, str]]):
+        self.con, self.files, self.rows_scanned, self.errors = con, list(files), rows_scanned, errors
+        self.heads = plans
+        self._index = {h.name: i for i, h in enumerate(heads)}
+        self._staged = staged  # head -> file_no -> staged input file (heads with `input`)
+        self._sources: dict[int, str] = {}  # file_no -> what reports name (read once, for files with units)
+
+    def units(self, head: str, chunk: int = 16) -> Iterator[WorkUnit]:
+        """The head's work units in order, `chunk` units read from DuckDB at a time."""
+        i, n = self._index[head], self.heads[head].n_units
+        staged = self._staged.get(head)
+        for lo in range(0, n, chunk):
+            rows = self.con.execute(
+                f"SELECT unit_no, file_no, row, doc_id, fp, conflict, first_file, first_row, pos, file_staged "
+                f"FROM work_{i} WHERE unit_no >= ? AND unit_no < ? ORDER BY unit_no, row", [lo, lo + chunk]).fetchall()
+            for _, items in groupby(rows, key=lambda r: r[0]):
+                yield self._unit(list(items), staged)
+
+    def _source(self, file_no: int) -> str:
+        """The file as reports name it: a saved dataset's export names its folder."""
+        if file_no not in self._sources:
+            self._sources[file_no] = source_name(self.files[file_no])
+        return self._sources[file_no]
+
+    def _unit(self, items: list[tuple], staged: dict[int, str] | None) -> WorkUnit:
+        file_no = items[0][1]
+        path, source = self.files[file_no], self._source(file_no)
+        todo = [r for r in items if not r[5]]
+        refused = tuple((row, doc_id, f"duplicate id with different text (first seen in "
+                                      f"{short_name(self.files[first_file])} row {first_row})")
+                        for _, _, row, doc_id, _, conflict, first_file, first_row, _, _ in items if conflict)
+        if staged is not None and items[0][9]:
+            return WorkUnit(path=staged[file_no], rows=tuple(r[8] for r in todo), fingerprints=tuple(r[4] for r in todo),
+                            refused=refused, source=source, source_rows=tuple(r[2] for r in todo))
+        return WorkUnit(path=path, rows=tuple(r[2] for r in todo), fingerprints=tuple(r[4] for r in todo),
+                        refused=refused, source=source if source != path else None)
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> "LevelPlan":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_plan(database: str | None, files: Sequence[str], heads: Sequence[PlanHead], id_column: str,
               text_column: str, unit_docs: int, full: bool = False, inputs_dir: str | None = None,
-              max_attempts: int = 3, retry_failed: bool = False) -> tuple[dict[str, HeadPlan], int, list[str]]:
-    """Plan every head over `files` (already checked readable): (plans, rows scanned, file error lines).
+              max_attempts: int = 3, retry_failed: bool = False, memory_limit: str | None = None,
+              temp_directory: str | None = None) -> LevelPlan:
+    """Plan every head over `files` (already checked readable) and keep the plan open in DuckDB.
 
     A document that failed before on the same text and model is tried again when its fault was
     transient and it has failed fewer than `max_attempts` times, or with `retry_failed` (or `full`).
+    Heads with an `input` get their input files staged under `inputs_dir` (without it, only their
+    counts are planned: `taskheads run --plan-only` writes nothing).
 
     Runs sandboxed: the connection reads only `files` and the database; each `where` is checked to be
     one expression first (ValueError naming the head otherwise), whoever built the PlanHead."""
@@ -119,13 +196,14 @@ def plan_work(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
         except ValueError as exc:
             raise ValueError(f"heads.{h.name}.where: {exc}") from None
     database = database if database and Path(database).exists() else None
-    con = sandboxed_connection(files, database)
+    con = sandboxed_connection(files, database, memory_limit=memory_limit, temp_directory=temp_directory)
     errors: list[str] = []
     try:
         has_state = False
         if database:
             has_state = bool(con.execute("SELECT 1 FROM duckdb_tables() WHERE database_name = 'results' "
                                          "AND table_name = 'doc_state'").fetchone())
+        heads = [replace(h, aliases=_live_aliases(con, h) if has_state else ()) for h in heads]
         upstream = dict(u for h in heads for u in h.upstream)
         if upstream and not has_state:
             raise RuntimeError(f"upstream heads {', '.join(upstream)} have no results database yet")
@@ -151,53 +229,103 @@ def plan_work(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
             except duckdb.Error as exc:
                 errors.append(f"{path}: cannot be planned ({str(exc).strip().splitlines()[0]})")
         retry = RetryRule(max_attempts, retry_failed or full)
-        plans = {h.name: _plan_head(con, i, h, files, has_state, unit_docs, full, retry) for i, h in enumerate(heads)}
-        for h in heads:
-            if h.input:
-                _stage_inputs(con, h, plans[h.name], source, id_column, text_column, Path(inputs_dir))
+        plans = {h.name: _plan_head(con, i, h, has_state, unit_docs, full, retry) for i, h in enumerate(heads)}
         (rows_scanned,) = con.execute("SELECT count(*) FROM scan").fetchone()
-        return plans, rows_scanned, errors
-    finally:
+        con.execute("DROP TABLE scan")
+        staged: dict[str, dict[int, str]] = {}
+        for i, h in enumerate(heads):
+            if h.input and inputs_dir:
+                staged[h.name] = _stage_inputs(con, i, h, files, source, id_column, text_column, Path(inputs_dir))
+        if database:
+            con.execute("DETACH results")  # the flow writes the database next; the plan needs it no more
+        return LevelPlan(con, files, heads, plans, rows_scanned, errors, staged)
+    except BaseException:
         con.close()
+        raise
 
 
-def _stage_inputs(con, head: PlanHead, plan: HeadPlan, source: str, id_column: str, text_column: str,
-                  inputs_dir: Path) -> None:
-    """Write the rows to infer, with the upstream translation as text, to one Parquet file per corpus file;
-    the units then point at it (rows = positions) and remember the corpus file and rows for reports."""
+def _live_aliases(con, head: PlanHead) -> tuple[str, ...]:
+    """The head's earlier ids whose rows still count as its own: recorded in `models` for this head and
+    not yet mapped to a current id (storage.db.map_legacy_model records the mapping)."""
+    if not head.aliases:
+        return ()
+    rows = con.execute("SELECT model_id FROM results.models WHERE head = ? AND list_contains(?, model_id)",
+                       [head.name, list(head.aliases)]).fetchall()
+    try:
+        mapped = {r[0] for r in con.execute("SELECT substr(key, 14) FROM results.taskheads_meta "
+                                            "WHERE starts_with(key, 'legacy_model:')").fetchall()}
+    except duckdb.CatalogException:  # a database from before versioning: nothing mapped yet
+        mapped = set()
+    return tuple(r[0] for r in rows if r[0] not in mapped)
+
+
+def plan_counts(database: str | None, files: Sequence[str], heads: Sequence[PlanHead], id_column: str,
+                text_column: str, unit_docs: int, full: bool = False, max_attempts: int = 3,
+                retry_failed: bool = False) -> tuple[dict[str, HeadPlan], int, list[str]]:
+    """The counts of `open_plan` (no unit read, no input staged, nothing written): (plans, rows scanned,
+    file error lines)."""
+    with open_plan(database, files, heads, id_column, text_column, unit_docs, full, None, max_attempts,
+                   retry_failed) as plan:
+        return plan.heads, plan.rows_scanned, plan.errors
+
+
+def preview_levels(database: str | None, files: Sequence[str], levels: Sequence[Sequence[PlanHead]], id_column: str,
+                   text_column: str, unit_docs: int, full: bool = False, max_attempts: int = 3,
+                   retry_failed: bool = False, tolerant: bool = False
+                   ) -> list[tuple[dict[str, HeadPlan], int, list[str]] | None]:
+    """`plan_counts` of each level against the database as it is (read-only): None for a level below
+    the first whose upstream results cannot be read yet (it is planned once its upstream loads), and
+    with `tolerant` for any level that cannot be planned now (e.g. a database the run will migrate)."""
+    out: list = []
+    for depth, heads in enumerate(levels):
+        try:
+            out.append(plan_counts(database, files, heads, id_column, text_column, unit_docs, full, max_attempts,
+                                   retry_failed))
+        except (RuntimeError, duckdb.Error):
+            if depth == 0 and not tolerant:
+                raise
+            out.append(None)
+    return out
+
+
+def plan_work(database: str | None, files: Sequence[str], heads: Sequence[PlanHead], id_column: str,
+              text_column: str, unit_docs: int, full: bool = False, inputs_dir: str | None = None,
+              max_attempts: int = 3, retry_failed: bool = False) -> tuple[dict[str, HeadPlan], int, list[str]]:
+    """`open_plan` with every unit read into `HeadPlan.units`: (plans, rows scanned, file error lines)."""
+    with open_plan(database, files, heads, id_column, text_column, unit_docs, full, inputs_dir, max_attempts,
+                   retry_failed) as plan:
+        for h in heads:
+            plan.heads[h.name].units = list(plan.units(h.name))
+        return plan.heads, plan.rows_scanned, plan.errors
+
+
+def _stage_inputs(con, i: int, head: PlanHead, files: Sequence[str], source: str, id_column: str,
+                  text_column: str, inputs_dir: Path) -> dict[int, str]:
+    """Write the rows to infer, with the upstream translation as text, to one Parquet file per corpus file
+    (in row order, streamed in record batches); units then point at it (rows = positions, `pos`)."""
     inputs_dir.mkdir(parents=True, exist_ok=True)
-    by_file: dict[str, list[WorkUnit]] = {}
-    for unit in plan.units:
-        by_file.setdefault(unit.path, []).append(unit)
-    units = []
-    for path, file_units in by_file.items():
-        wanted = sorted(r for u in file_units for r in u.rows)
-        if not wanted:
-            units.extend(file_units)
-            continue
+    staged = {}
+    for (file_no,) in con.execute(f"SELECT DISTINCT file_no FROM work_{i} WHERE NOT conflict ORDER BY 1").fetchall():
+        path = files[file_no]
         present = set(pq.read_schema(path).names)
         extras = [c for c in head.extra_columns if c in present and c not in (id_column, text_column)]
         cols = ", ".join([f"{id_text('src.' + quote(id_column))} AS {quote(id_column)}",
                           f"{quote(head.input)}.text AS {quote(text_column)}"] + [f"src.{quote(c)}" for c in extras])
-        table = con.sql(f"SELECT {cols} FROM {source} WHERE src.file_row_number IN (SELECT unnest(?)) "
-                        "ORDER BY src.file_row_number", params=[literal_path(path), wanted]).to_arrow_table()
         out = inputs_dir / f"{head.name}-{hashlib.sha1(path.encode()).hexdigest()[:12]}.parquet"
-        pq.write_table(table, out)
-        position = {r: k for k, r in enumerate(wanted)}
-        for u in file_units:
-            units.append(WorkUnit(path=str(out), rows=tuple(position[r] for r in u.rows), fingerprints=u.fingerprints,
-                                  refused=u.refused, source=path, source_rows=u.rows))
-    plan.units = units
+        reader = con.sql(
+            f"SELECT {cols} FROM {source} JOIN (SELECT row, pos FROM work_{i} WHERE file_no = ? AND NOT conflict) w "
+            "ON src.file_row_number = w.row ORDER BY w.pos", params=[literal_path(path), file_no]).to_arrow_reader(65536)
+        with pq.ParquetWriter(out, reader.schema) as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+        staged[file_no] = str(out)
+    return staged
 
 
-@dataclass(frozen=True)
-class RetryRule:
-    max_attempts: int = 3
-    retry_all: bool = False  # --retry-failed / --full: every earlier failure is tried again
-
-
-def _plan_head(con, i: int, head: PlanHead, files: Sequence[str], has_state: bool, unit_docs: int,
-               full: bool, retry: RetryRule = RetryRule()) -> HeadPlan:
+def _plan_head(con, i: int, head: PlanHead, has_state: bool, unit_docs: int, full: bool,
+               retry: RetryRule = RetryRule()) -> HeadPlan:
+    """Classify the head's routed rows (table `classified`), then number the ones to infer into units
+    (table `work_<i>`, ordered by unit); returns the counts."""
     if has_state:
         state_join = ("LEFT JOIN results.doc_state d ON d.head = $head AND d.doc_id = s.doc_id AND d.status = 'done' "
                       # the document's last failed attempt (plan-stage rows are about other occurrences)
@@ -206,9 +334,10 @@ def _plan_head(con, i: int, head: PlanHead, files: Sequence[str], has_state: boo
                       "  QUALIFY row_number() OVER (PARTITION BY doc_id ORDER BY attempts DESC) = 1) f "
                       "ON f.doc_id = s.doc_id")
     else:
-        state_join = ("LEFT JOIN (SELECT NULL::VARCHAR AS fingerprint, NULL::VARCHAR AS model_id) d ON false "
-                      "LEFT JOIN (SELECT NULL::VARCHAR AS fingerprint, NULL::VARCHAR AS model_id, NULL::VARCHAR AS kind, "
-                      "  NULL::INTEGER AS attempts) f ON false")
+        state_join = ("LEFT JOIN (SELECT NULL::VARCHAR AS doc_id, NULL::VARCHAR AS fingerprint, NULL::VARCHAR AS model_id) d "
+                      "ON false LEFT JOIN (SELECT NULL::VARCHAR AS doc_id, NULL::VARCHAR AS fingerprint, "
+                      "NULL::VARCHAR AS model_id, NULL::VARCHAR AS kind, NULL::INTEGER AS attempts) f ON false")
+    models = [head.model_id, *head.aliases]
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE classified AS
         WITH routed AS (
@@ -225,42 +354,42 @@ def _plan_head(con, i: int, head: PlanHead, files: Sequence[str], has_state: boo
                         WHEN s.fp IS NOT DISTINCT FROM s.first_fp THEN 'repeat'
                         ELSE 'conflict' END AS kind,
                    s.first_file, s.first_row,
-                   coalesce(s.fp IS NOT NULL AND d.fingerprint = s.fp AND d.model_id = $model, false) AS unchanged,
-                   coalesce(f.fingerprint IS NOT DISTINCT FROM s.fp AND f.model_id = $model, false) AS failed_before,
+                   coalesce(s.fp IS NOT NULL AND d.fingerprint = s.fp AND list_contains($models, d.model_id), false)
+                     AS unchanged,
+                   coalesce(f.fingerprint IS NOT DISTINCT FROM s.fp AND list_contains($models, f.model_id), false)
+                     AS failed_before,
                    coalesce(f.kind = 'terminal' OR f.attempts >= $max_attempts, false) AS retries_spent
             FROM routed s {state_join}
         )
         SELECT * EXCLUDE (failed_before, retries_spent),
                failed_before AND NOT unchanged AS retry,
                failed_before AND NOT unchanged AND retries_spent AND NOT $retry_all AS held
-        FROM judged""", {"model": head.model_id, "max_attempts": retry.max_attempts, "retry_all": retry.retry_all}
+        FROM judged""", {"models": models, "max_attempts": retry.max_attempts, "retry_all": retry.retry_all}
                 | ({"head": head.name} if has_state else {}))
     counts = dict(con.execute("SELECT kind || CASE WHEN kind <> 'first' THEN '' WHEN unchanged THEN '-unchanged' "
                               "WHEN held THEN '-held' WHEN retry THEN '-retry' ELSE '' END, "
                               "count(*) FROM classified GROUP BY ALL").fetchall())
-    # only the rows that need work come back to Python: memory follows the change, not the corpus
-    rows = con.execute("SELECT file_no, row, doc_id, fp, kind, first_file, first_row, unchanged FROM classified "
-                       "WHERE kind = 'conflict' OR (kind = 'first' AND (NOT unchanged OR ?) AND NOT held) "
-                       "ORDER BY file_no, row", [full]).fetchall()
-    plan = HeadPlan(routed=sum(counts.values()), duplicates=counts.get("repeat", 0),
+    # the rows that need work, numbered into units in SQL (per file, in row order, `unit_docs` rows each,
+    # duplicates refused in place): only the units being submitted are ever read back into Python
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE work_{i} AS
+        WITH todo AS (
+            SELECT file_no, row, doc_id, fp, kind = 'conflict' AS conflict, first_file, first_row
+            FROM classified WHERE kind = 'conflict' OR (kind = 'first' AND (NOT unchanged OR $full) AND NOT held)
+        ), numbered AS (
+            SELECT *, (row_number() OVER (PARTITION BY file_no ORDER BY row) - 1) // $unit_docs AS unit_in_file,
+                   row_number() OVER (PARTITION BY file_no, conflict ORDER BY row) - 1 AS pos,
+                   bool_or(NOT conflict) OVER (PARTITION BY file_no) AS file_staged
+            FROM todo
+        )
+        SELECT (dense_rank() OVER (ORDER BY file_no, unit_in_file) - 1)::BIGINT AS unit_no, file_no, row, doc_id, fp,
+               conflict, first_file, first_row, pos, file_staged
+        FROM numbered ORDER BY unit_no, row""", {"full": full, "unit_docs": unit_docs})
+    con.execute("DROP TABLE classified")
+    to_infer, conflicts, n_units = con.execute(
+        f"SELECT count(*) FILTER (WHERE NOT conflict), count(*) FILTER (WHERE conflict), coalesce(max(unit_no) + 1, 0) "
+        f"FROM work_{i}").fetchone()
+    return HeadPlan(routed=sum(counts.values()), duplicates=counts.get("repeat", 0),
                     unchanged=0 if full else counts.get("first-unchanged", 0),
-                    retried=counts.get("first-retry", 0), skipped_failed=counts.get("first-held", 0))
-    per_file: dict[int, list] = {}
-    for file_no, row, doc_id, fp, kind, first_file, first_row, unchanged in rows:
-        if kind == "conflict":
-            plan.conflicts += 1
-            reason = (f"duplicate id with different text (first seen in {Path(files[first_file]).name} "
-                      f"row {first_row})")
-            per_file.setdefault(file_no, []).append((row, doc_id, None, reason))
-            continue
-        plan.to_infer += 1
-        per_file.setdefault(file_no, []).append((row, doc_id, fp, None))
-    for file_no, items in per_file.items():
-        for k in range(0, len(items), unit_docs):
-            chunk = items[k:k + unit_docs]
-            plan.units.append(WorkUnit(
-                path=files[file_no],
-                rows=tuple(r for r, _, _, reason in chunk if reason is None),
-                fingerprints=tuple(fp for _, _, fp, reason in chunk if reason is None),
-                refused=tuple((r, d, reason) for r, d, _, reason in chunk if reason is not None)))
-    return plan
+                    retried=counts.get("first-retry", 0), skipped_failed=counts.get("first-held", 0),
+                    to_infer=to_infer, conflicts=conflicts, n_units=n_units)

@@ -159,11 +159,17 @@ def attach_read_only(con: duckdb.DuckDBPyConnection, database: str, name: str = 
 
 
 def sandboxed_connection(read_files: Sequence[str] = (), database: str | None = None,
-                         wait_seconds: float = 30.0) -> duckdb.DuckDBPyConnection:
+                         wait_seconds: float = 30.0, memory_limit: str | None = None,
+                         temp_directory: str | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory connection that can read only `read_files`, with `database` (if given) attached
-    read-only as `results`; external access off and configuration locked before it is returned."""
+    read-only as `results`; external access off and configuration locked before it is returned.
+    `memory_limit` bounds its buffer pool; beyond it DuckDB spills to `temp_directory`."""
     con = duckdb.connect()
     try:
+        if memory_limit:
+            con.execute("SET memory_limit = ?", [memory_limit])
+        if temp_directory:
+            con.execute("SET temp_directory = ?", [temp_directory])
         db_files = [database, database + ".wal"] if database else []
         lock_down(con, list(read_files) + db_files)
         if database:

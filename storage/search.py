@@ -19,6 +19,7 @@ from typing import Sequence
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute below: a bare `import pyarrow` does not load it)
 
 from core.names import quote
 

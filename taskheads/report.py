@@ -179,6 +179,11 @@ def main_report(database: str, out: str) -> int:
         print(f"taskheads: database not found: {database}", file=sys.stderr)
         return 2
     try:
+        import plotly  # noqa: F401  (an optional part of taskheads)
+    except ImportError:
+        print("taskheads: report needs the [report] extra (plotly): pip install 'taskheads[report]'", file=sys.stderr)
+        return 2
+    try:
         path = build_report(database, out)
     except SchemaTooNew as exc:
         print(f"taskheads: {exc}", file=sys.stderr)

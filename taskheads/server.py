@@ -54,25 +54,20 @@ def _drain_prefect_clients(timeout: float = 10.0) -> None:
             pass
 
 
-def _cmdline(proc: Path) -> bytes:
-    try:
-        return (proc / "cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
 def _children(exclude: set[int]) -> list[int]:
-    """Live child processes of this process (Linux /proc), e.g. flow runs started by `serve`."""
-    me, kids = os.getpid(), []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) in exclude:
+    """Live child processes of this process, e.g. flow runs started by `serve` (psutil: any OS)."""
+    import psutil
+
+    kids = []
+    for child in psutil.Process().children():
+        if child.pid in exclude:
             continue
         try:
-            state, ppid = (d / "stat").read_text().rsplit(")", 1)[1].split()[:2]
-        except (OSError, ValueError, IndexError):
+            if child.status() == psutil.STATUS_ZOMBIE or "resource_tracker" in " ".join(child.cmdline()):
+                continue  # (multiprocessing's resource tracker lives as long as we do)
+        except psutil.Error:  # gone meanwhile, or not ours to inspect
             continue
-        if int(ppid) == me and state != "Z" and b"resource_tracker" not in _cmdline(d):
-            kids.append(int(d.name))  # (multiprocessing's resource tracker lives as long as we do)
+        kids.append(child.pid)
     return kids
 
 

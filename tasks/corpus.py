@@ -5,16 +5,31 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage.corpus import check_files, corpus_files
-from storage.plan import PlanHead, plan_work
+from storage.plan import PLAN_MEMORY_LIMIT, PlanHead, open_plan, preview_levels
 
 
 @task(name="plan-corpus", cache_policy=NO_CACHE)
 def plan_corpus(corpus: str, database: str, heads: list[PlanHead], id_column: str, text_column: str,
                 unit_docs: int, full: bool, inputs_dir: str | None = None, max_attempts: int = 3,
-                retry_failed: bool = False):
-    """Returns (files, usable files, plans per head, rows scanned, one error line per unusable file)."""
+                retry_failed: bool = False, spill_dir: str | None = None):
+    """Returns (files, usable files, the open LevelPlan, one error line per unusable file); the plan's
+    units are read as they are submitted (close it after the level)."""
     files = corpus_files(corpus)
     good, errors = check_files(files, [id_column, text_column])
-    plans, rows, plan_errors = plan_work(database, good, heads, id_column, text_column, unit_docs, full, inputs_dir,
-                                         max_attempts, retry_failed)
-    return files, good, plans, rows, errors + plan_errors
+    plan = open_plan(database, good, heads, id_column, text_column, unit_docs, full, inputs_dir, max_attempts,
+                     retry_failed, memory_limit=PLAN_MEMORY_LIMIT, temp_directory=spill_dir)
+    return files, good, plan, errors + plan.errors
+
+
+@task(name="preview-corpus", cache_policy=NO_CACHE)
+def preview_corpus(corpus: str, database: str, levels: list[list[PlanHead]], id_column: str, text_column: str,
+                   unit_docs: int, full: bool, max_attempts: int = 3, retry_failed: bool = False) -> list:
+    """Plan every level against the database as it is, reading only (counts, no units): per level
+    (files, usable files, plans per head, rows scanned, error lines), or None for a level whose
+    upstream results cannot be read yet (its heads are planned after their upstream loads) or that
+    cannot be planned before the run migrates the database: those heads load and plan as before."""
+    files = corpus_files(corpus)
+    good, errors = check_files(files, [id_column, text_column])
+    levels_out = preview_levels(database, good, levels, id_column, text_column, unit_docs, full, max_attempts,
+                                retry_failed, tolerant=True)
+    return [None if known is None else (files, good, known[0], known[1], errors + known[2]) for known in levels_out]

@@ -1,9 +1,10 @@
 """Prefect task: run one head over one work unit and stage the rows as a load package."""
 from __future__ import annotations
 
+import errno
 import hashlib
-from collections import Counter
 import os
+from collections import Counter
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,35 @@ def shard_id_for(run_id: str, head: str, unit: WorkUnit) -> str:
 INFER_TAG = "taskheads-infer"
 
 
-@task(name="infer-unit", cache_policy=NO_CACHE, tags=[INFER_TAG])
+# errors of shared storage and networks that pass: a stale NFS handle, an I/O error, a timeout, a reset
+TRANSIENT_ERRNOS = {errno.ESTALE, errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EAGAIN,
+                    errno.EBUSY, errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EPIPE}
+
+
+def infrastructure_fault(exc: BaseException) -> bool:
+    """A fault of the machine the unit ran on, not of the unit: worth running the unit again.
+
+    A lost connection (Dask's CommClosedError, ConnectionError, TimeoutError) or an OSError with a
+    transient errno. Document faults never get here (the engine records them per document); a bug
+    or a broken model (any other exception) must fail the unit at once, not three times."""
+    if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ == "CommClosedError":
+        return True
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+
+
+def _retry_unit(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except Exception as exc:
+        return infrastructure_fault(exc)
+    return False
+
+
+# A Dask worker that dies mid-unit takes Prefect's task engine with it: Dask itself runs the unit again on
+# another worker (its `allowed-failures`, 3). These retries cover the infrastructure faults that reach the
+# task: the shared corpus or staging filesystem failing for a moment, a dropped connection.
+@task(name="infer-unit", cache_policy=NO_CACHE, tags=[INFER_TAG], retries=2, retry_delay_seconds=[2, 10],
+      retry_condition_fn=_retry_unit)
 def infer_unit(unit: WorkUnit, head_cfg, id_column: str, text_column: str, run_id: str, model_id: str,
                staging: str, max_resident_models: int = 0) -> UnitOutcome:
     with using_head(head_cfg, max_resident_models) as head:

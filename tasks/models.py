@@ -1,24 +1,38 @@
-"""Prefect tasks: load each head's model once (its lineage), then record that lineage in `models`."""
+"""Prefect tasks: each head's model identity (its lineage, from the files), the models a run needs
+loaded before it writes, and the lineage recorded in `models`."""
 from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from heads.loading import cached_head, model_identity
-from storage.db import register_model
+from heads.registry import head_class, result_tables
+from storage.db import map_legacy_model, register_model
 
 
-@task(name="resolve-model", cache_policy=NO_CACHE)
-def resolve_model(head_cfg, max_resident_models: int = 0) -> tuple[dict, tuple[str, ...]]:
-    """The model's identity and the extra corpus columns the head reads (they join its fingerprint).
+@task(name="identify-models", cache_policy=NO_CACHE)
+def identify_models(head_cfgs) -> list[tuple[dict, tuple[str, ...]]]:
+    """Per head: its model identity and the extra corpus columns it reads (they join its fingerprint),
+    from the model's files and params alone: no model is loaded, so a rerun with nothing to do costs
+    no load. A head whose files cannot be found raises IdentityError (a ModelLoadError) naming it."""
+    out = []
+    for h in head_cfgs:
+        identity = model_identity(h)
+        out.append((identity, tuple(head_class(h.task).columns_for(identity["params"]))))
+    return out
 
-    Writes nothing: a head that cannot run (ModelLoadError, UntrainedHeadError) stops the run here,
-    before the run touches the database."""
-    head = cached_head(head_cfg, max_resident_models)
-    return model_identity(head_cfg, head), tuple(head.needed_columns())
+
+@task(name="load-models", cache_policy=NO_CACHE)
+def load_models(head_cfgs, max_resident_models: int = 0) -> None:
+    """Load the heads that have work, in this process (once: its units reuse them), before the run
+    writes: a head that cannot run (ModelLoadError, UntrainedHeadError) stops the run here."""
+    for h in head_cfgs:
+        cached_head(h, max_resident_models)
 
 
 @task(name="register-models", cache_policy=NO_CACHE)
 def register_models(database: str, identities: list[dict]) -> None:
+    """Record each identity; rows stored under a head's version-1 id get its current id (once)."""
     for identity in identities:
         register_model(database, identity)
+        map_legacy_model(database, identity, tables=result_tables())

@@ -230,13 +230,21 @@ def test_model_id_of_torch_is_unchanged_and_backends_get_their_own(models):
                                      {"long_text": "chunk", "stride": 64}, "float32"],
                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
     torch_id = model_identity(cfg, head)
-    assert torch_id["model_id"] == old and torch_id["dtype"] == "float32"
+    # torch rows keep their id: the identity from files (no backend part), and the pre-identity-file
+    # formula as the legacy id that maps old rows
+    assert torch_id["legacy_model_id"] == old and torch_id["dtype"] == "float32"
+    assert torch_id["model_id"] == model_identity(cfg)["model_id"]
     ort_cfg = HeadConfig(name="topic", task="classification", model=path, backend="onnxruntime")
     ort = model_identity(ort_cfg, load_head("topic", "classification", path, backend="onnxruntime"))
     ort8 = model_identity(HeadConfig(name="topic", task="classification", model=path, backend="onnxruntime",
                                      dtype="int8"),
                           load_head("topic", "classification", path, backend="onnxruntime", dtype="int8"))
-    assert len({old, ort["model_id"], ort8["model_id"]}) == 3
+    ids = {torch_id["model_id"], ort["model_id"], ort8["model_id"]}
+    legacy = {torch_id["legacy_model_id"], ort["legacy_model_id"], ort8["legacy_model_id"]}
+    assert len(ids) == 3 and len(legacy) == 3  # a backend's rows never map onto torch's old rows
+    # `auto` is resolved before the id, from the config and the installed packages (no model loaded)
+    auto = model_identity(HeadConfig(name="topic", task="classification", model=path, backend="auto"))
+    assert auto["model_id"] == ort["model_id"] and auto["backend"] == "onnxruntime"
     assert (ort["dtype"], ort8["dtype"]) == ("float32@onnxruntime", "int8@onnxruntime")
 
 

@@ -141,3 +141,91 @@ def test_qa_question_kinds_varied(qa):
         kinds[hits[0][0]] += 1
         phrasings[hits[0][1]] += 1
     assert len(kinds) >= 8 and len(phrasings) >= 20
+
+
+# --- silver NER labels (spaCy's OntoNotes tagger mapped to the head's labels) -------------------
+
+def _spans(text, rows):
+    return [(text[e["start"]:e["end"]], e["label"]) for e in rows]
+
+
+def test_silver_money_made_whole():
+    # what spaCy's en_core_web_sm gives on BBC money: the tokenizer splits "£600m" into "£ 600 m"
+    # and the entity is "600"; "US$2.5bn" -> "2.5bn"; sometimes a word before the amount
+    text = "Profits rose to $1.13bn (£600m), from US$2.5bn, above $53 a barrel; revenues - £160m."
+    spans = [(text.index("1.13bn"), text.index("1.13bn") + 6, "MONEY"),
+             (text.index("600"), text.index("600") + 3, "MONEY"),
+             (text.index("2.5bn"), text.index("2.5bn") + 5, "MONEY"),
+             (text.index("above"), text.index("$53") + 3, "MONEY"),
+             (text.index("revenues"), text.index("160") + 3, "MONEY")]
+    assert _spans(text, dd.map_silver(text, spans)) == [
+        ("$1.13bn", "MONEY"), ("£600m", "MONEY"), ("US$2.5bn", "MONEY"), ("$53", "MONEY"), ("£160m", "MONEY")]
+
+
+def test_silver_labels_mapped_and_cleaned():
+    text = ("Mr Blair met the Bank of England's governor in London, Europe and Wembley; British shares rose 5% "
+            "on 5 May, the best day of the past year.")
+    at = lambda s, label: (text.index(s), text.index(s) + len(s), label)  # noqa: E731
+    spans = [at("Blair", "PERSON"), at("the Bank of England's", "ORG"), at("London", "GPE"), at("Europe", "LOC"),
+             at("Wembley", "FAC"), at("British", "NORP"), at("5%", "PERCENT"), at("5 May", "DATE"),
+             at("the past year", "DATE")]
+    rows = dd.map_silver(text, spans)
+    assert _spans(text, rows) == [("Blair", "PER"), ("Bank of England", "ORG"), ("London", "LOC"),
+                                  ("Europe", "LOC"), ("5 May", "DATE"), ("past year", "DATE")]
+    assert all(set(r) == {"start", "end", "label"} for r in rows)
+
+
+def test_silver_nothing_nameable_is_dropped_and_overlaps_resolved():
+    text = "Shares in (Smith & Co) - and the rest."
+    spans = [(text.index("-"), text.index("-") + 1, "ORG"),             # pure punctuation
+             (text.index("("), text.index(")") + 1, "ORG"),             # brackets stripped
+             (text.index("Co"), text.index("Co") + 2, "ORG")]           # inside the previous one
+    assert _spans(text, dd.map_silver(text, spans)) == [("Smith & Co", "ORG")]
+    assert dd.map_silver(text, [(text.index("the"), text.index("the") + 3, "ORG")]) == []  # "the" alone
+
+
+def test_sentence_rows_offsets_and_crossing_entities():
+    text = "Tony Blair spoke.  Then Gordon\nBrown left. Microsoft won. "
+    sentences = [(0, 19), (19, 43), (43, 58)]
+    ents = [{"start": 0, "end": 10, "label": "PER"},
+            {"start": 24, "end": 36, "label": "PER"},   # "Gordon\nBrown": crosses no sentence break
+            {"start": 43, "end": 52, "label": "ORG"}]
+    rows = dd.sentence_rows(text, sentences, ents)
+    assert rows == [{"text": "Tony Blair spoke.", "entities": [{"start": 0, "end": 10, "label": "PER"}]},
+                    {"text": "Then Gordon\nBrown left.", "entities": [{"start": 5, "end": 17, "label": "PER"}]},
+                    {"text": "Microsoft won.", "entities": [{"start": 0, "end": 9, "label": "ORG"}]}]
+    # a wrong sentence break inside "Gordon Brown": the sentences it touches are left out
+    rows = dd.sentence_rows(text, [(0, 19), (19, 31), (31, 58)], ents)
+    assert [r["text"] for r in rows] == ["Tony Blair spoke."]
+
+
+@pytest.fixture(scope="module")
+def spacy_nlp():
+    return dd.load_silver_model()
+
+
+def test_annotate_with_real_spacy(spacy_nlp):
+    text = ("Blair backs Brown\n\nTony Blair said on Monday that Gordon Brown would stay. "
+            "Microsoft paid £600m for the London firm.\n\nShares fell.")
+    [a] = dd.annotate(spacy_nlp, [text])
+    found = {(text[e["start"]:e["end"]], e["label"]) for e in a["entities"]}
+    assert {("Tony Blair", "PER"), ("Monday", "DATE"), ("Microsoft", "ORG"), ("£600m", "MONEY"),
+            ("London", "LOC")} <= found
+    assert all(e["label"] in dd.NER_TYPES for e in a["entities"])
+    sentences = [text[s:e].strip() for s, e in a["sentences"]]
+    assert sentences[0] == "Blair backs Brown"  # the title line is never joined to the first sentence
+    assert "Shares fell." in sentences and any(s.startswith("Microsoft paid") for s in sentences)
+
+
+def test_silver_ner_rows(spacy_nlp, bbc):
+    train = [r for r in dd.split_bbc(bbc) if r["split"] == "train"][:40]
+    rows = dd.silver_ner(spacy_nlp, train, n=60, seed=1)
+    assert len(rows) == 60 and rows == dd.silver_ner(spacy_nlp, train, n=60, seed=1)
+    texts = {r["text"] for r in train}
+    for r in rows:
+        assert any(r["text"] in t for t in texts)  # sentences of the given articles, nothing else
+        for e in r["entities"]:
+            span = r["text"][e["start"]:e["end"]]
+            assert span and span == span.strip() and e["label"] in dd.NER_TYPES
+    assert sum(len(r["entities"]) for r in rows) >= 30
+    assert dd.silver_ner(spacy_nlp, train, n=60, seed=2) != rows

@@ -28,7 +28,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SERVE_READY_TIMEOUT = 60  # CLI import + a fresh `prefect server start` (migrations)
+SERVE_READY_TIMEOUT = 180  # CLI import + a fresh `prefect server start` (migrations)
 RUN_TIMEOUT = 60  # per awaited scheduled run (interval 5 s, runner polls every 10 s)
 STOP_TIMEOUT = 60  # lets the run in progress finish (a few seconds here), then stops its server
 

