@@ -23,7 +23,7 @@ from storage.plan import PlanHead
 from storage.staging import staging_dir
 from tasks.corpus import plan_corpus, preview_corpus
 from tasks.evaluate import evaluate_gold
-from tasks.inference import infer_unit
+from tasks.inference import infer_unit, shard_id_for
 from tasks.load import create_database, load_staged, stage_evaluation, stage_run_finish, stage_run_start, wait_readable
 from tasks.models import identify_models, load_models
 
@@ -212,7 +212,7 @@ class _Loader:
         self.recovered = 0
         self.waiting = 0
         self.deadline: float | None = None
-        self.quarantined: list[str] = []
+        self.units: dict[str, str] = {}  # shard id -> "<file>: <head> failed on rows <unit>" (a line per unit)
 
     def load(self, wait_seconds: float) -> bool:
         """Apply what waits, waiting up to `wait_seconds` for the file; True when nothing waits any more."""
@@ -221,8 +221,9 @@ class _Loader:
         for head, rows in got["rows"].items():
             if head in self.s.heads:
                 self.s.heads[head].rows += rows
-        for entry in got["quarantined"]:
-            self.s.file_errors.append(f"load package quarantined (cannot be loaded): {entry}")
+        for entry in got["quarantined"]:  # the unit's error, as if its load had raised
+            where = self.units.get(entry.split(":")[0], "load package")
+            self.s.file_errors.append(f"{where} (PackageQuarantined: {entry.strip()[:200]})")
         self.waiting = got["waiting"]
         return not got["busy"]
 
@@ -309,6 +310,8 @@ def _run_level(cfg, level, plans, level_plan, s: RunSummary, staging: str, windo
             unit, h, cfg.id_column, cfg.text_column, s.run_id, s.heads[h.name].model_id, staging,
             cfg.max_resident_models)
         pending[future] = (h, unit)
+        loader.units[shard_id_for(s.run_id, h.name, unit)] = f"{unit.source or unit.path}: {h.name} failed on rows " \
+                                                              f"{unit.unit_id}"
     while pending:
         _finish_one(cfg, pending, progress, s, t0, loader)
 

@@ -71,9 +71,9 @@ def connect(path: str, read_only: bool = False, wait_seconds: float = 30.0) -> d
                 if "lock" in str(exc).lower():
                     if read_only:  # readers coexist: only a read-write holder keeps a reader out
                         raise DatabaseLocked(
-                            f"{path}: locked read-write by another process ({_holder(exc)}) for over "
-                            f"{wait_seconds:.0f} s: a DuckDB CLI or duckdb.connect(path) without read_only holds "
-                            "the file alone; close it (or open it read-only) and try again; nothing was written"
+                            f"{path}: locked by another process ({_holder(exc)}) holding it read-write for "
+                            f"over {wait_seconds:.0f} s (a DuckDB CLI or duckdb.connect(path) without read_only "
+                            "keeps every other process out): close it or open it read-only; nothing was written"
                         ) from None
                     raise DatabaseBusy(f"{path}: locked by another process ({_holder(exc)}) for over "
                                        f"{wait_seconds:.0f} s; try again") from None
