@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import duckdb
+import pyarrow as pa
 
 from core.errors import DatabaseBusy, DatabaseLocked, SchemaTooNew
 from core.faults import checkpoint
@@ -320,40 +321,79 @@ def load_shard(database: str, manifest_path: str, *, tables: Sequence[ResultTabl
 
 def _load_package(con, manifest: dict, parts: dict) -> tuple[int, int] | None:
     """A package's statements inside the caller's transaction: its rows, `failed_docs`, `doc_state` and
-    its `loaded_shards` marker; None (nothing done) when the marker says it was loaded before.
-
-    Each delete is a semi-join of the table against the package's own ids (DuckDB builds the hash table
-    on the package side), so its cost follows the package and one scan of the head's rows."""
-    table, head = manifest["table"], manifest["head"]
-    if con.execute("SELECT 1 FROM loaded_shards WHERE shard_id = ?", [manifest["shard_id"]]).fetchone():
+    its `loaded_shards` marker; None (nothing done) when the marker says it was loaded before."""
+    if _was_loaded(con, manifest):
         return None  # loaded before (a retry after a crash): nothing to do
-    for part, data in parts.items():
-        con.register(f"staged_{part}", data)
-    done = "SELECT doc_id FROM staged_covered WHERE status = 'done'"
-    # attempts in a row on the same text and model: the previous failure's count + 1
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE new_failed AS SELECT s.* REPLACE ("
-        "  CASE WHEN p.doc_id IS NOT NULL AND p.fingerprint IS NOT DISTINCT FROM s.fingerprint "
-        "  AND p.model_id = s.model_id THEN p.attempts + 1 ELSE 1 END::INTEGER AS attempts) "
-        "FROM staged_failed s LEFT JOIN (SELECT doc_id, fingerprint, model_id, coalesce(max(attempts), 1) "
-        "  AS attempts FROM failed_docs WHERE head = ? AND stage <> 'plan' AND doc_id IS NOT NULL "
-        "  GROUP BY ALL) p ON p.doc_id = s.doc_id AND s.stage <> 'plan'", [head])
-    con.execute(f"DELETE FROM {table} WHERE head = ? AND doc_id IN ({done})", [head])
-    con.execute("DELETE FROM failed_docs f WHERE head = ? AND (doc_id IN (SELECT doc_id FROM staged_covered) "
-                "OR EXISTS (SELECT 1 FROM staged_failed s WHERE s.source_file = f.source_file "
-                "AND s.source_row = f.source_row))", [head])
-    con.execute(f"DELETE FROM doc_state WHERE head = ? AND doc_id IN ({done})", [head])
-    con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM staged_results")
-    con.execute("INSERT INTO failed_docs BY NAME SELECT * FROM new_failed")
-    con.execute("INSERT INTO doc_state SELECT ?, doc_id, fingerprint, ?, ?, status, ? FROM staged_covered "
-                "WHERE status = 'done'", [head, manifest["model_id"], manifest["run_id"], _now()])
+    _replace_docs(con, manifest["table"], manifest["head"], [(manifest, parts)])
+    return _mark_loaded(con, manifest, parts)
+
+
+def _was_loaded(con, manifest: dict) -> bool:
+    return bool(con.execute("SELECT 1 FROM loaded_shards WHERE shard_id = ?", [manifest["shard_id"]]).fetchone())
+
+
+def _mark_loaded(con, manifest: dict, parts: dict) -> tuple[int, int]:
     con.execute("INSERT INTO loaded_shards VALUES (?, ?, ?, ?, ?, ?)",
-                [manifest["shard_id"], manifest["run_id"], head, parts["results"].num_rows,
+                [manifest["shard_id"], manifest["run_id"], manifest["head"], parts["results"].num_rows,
                  parts["failed"].num_rows, _now()])
-    for part in parts:
-        con.unregister(f"staged_{part}")
     checkpoint("load")
     return parts["results"].num_rows, parts["failed"].num_rows
+
+
+def _replace_docs(con, table: str, head: str, packages: Sequence[tuple[dict, dict]]) -> None:
+    """The rows of packages of one head and table, whose documents are disjoint, replacing those
+    documents' earlier rows, failures and `doc_state`, in the caller's transaction.
+
+    The tables have no index on doc_id, so each DELETE scans the head's rows once (a semi-join against
+    the packages' ids): done for several packages together, that scan is paid once per batch."""
+    def covered(manifest: dict, data: pa.Table) -> pa.Table:
+        n = data.num_rows
+        return data.append_column("model_id", pa.array([manifest["model_id"]] * n, pa.string())) \
+                   .append_column("run_id", pa.array([manifest["run_id"]] * n, pa.string()))
+
+    staged = {"results": pa.concat_tables([p["results"] for _, p in packages]),
+              "failed": pa.concat_tables([p["failed"] for _, p in packages]),
+              "covered": pa.concat_tables([covered(m, p["covered"]) for m, p in packages])}
+    for part, data in staged.items():
+        con.register(f"staged_{part}", data)
+    try:
+        done = "SELECT doc_id FROM staged_covered WHERE status = 'done'"
+        # attempts in a row on the same text and model: the previous failure's count + 1
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE new_failed AS SELECT s.* REPLACE ("
+            "  CASE WHEN p.doc_id IS NOT NULL AND p.fingerprint IS NOT DISTINCT FROM s.fingerprint "
+            "  AND p.model_id = s.model_id THEN p.attempts + 1 ELSE 1 END::INTEGER AS attempts) "
+            "FROM staged_failed s LEFT JOIN (SELECT doc_id, fingerprint, model_id, coalesce(max(attempts), 1) "
+            "  AS attempts FROM failed_docs WHERE head = ? AND stage <> 'plan' AND doc_id IS NOT NULL "
+            "  GROUP BY ALL) p ON p.doc_id = s.doc_id AND s.stage <> 'plan'", [head])
+        con.execute(f"DELETE FROM {table} WHERE head = ? AND doc_id IN ({done})", [head])
+        con.execute("DELETE FROM failed_docs f WHERE head = ? AND (doc_id IN (SELECT doc_id FROM staged_covered) "
+                    "OR EXISTS (SELECT 1 FROM staged_failed s WHERE s.source_file = f.source_file "
+                    "AND s.source_row = f.source_row))", [head])
+        con.execute(f"DELETE FROM doc_state WHERE head = ? AND doc_id IN ({done})", [head])
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM staged_results")
+        con.execute("INSERT INTO failed_docs BY NAME SELECT * FROM new_failed")
+        con.execute("INSERT INTO doc_state SELECT ?, doc_id, fingerprint, model_id, run_id, status, ? "
+                    "FROM staged_covered WHERE status = 'done'", [head, _now()])
+    finally:
+        for part in staged:
+            con.unregister(f"staged_{part}")
+
+
+def _disjoint(packages: Sequence[tuple[dict, dict]]) -> bool:
+    """No document (nor failed corpus row) in two of the packages: loaded together they give what loading
+    them one after the other gives."""
+    docs: set = set()
+    rows: set = set()
+    for _, parts in packages:
+        ids = parts["covered"].column("doc_id").to_pylist()
+        failed = parts["failed"]
+        keys = list(zip(failed.column("source_file").to_pylist(), failed.column("source_row").to_pylist()))
+        if docs.intersection(ids) or rows.intersection(keys) or len(set(ids)) < len(ids):
+            return False
+        docs.update(ids)
+        rows.update(keys)
+    return True
 
 
 # what DuckDB says when a package's rows do not fit the tables: the package is at fault, not the moment
@@ -483,6 +523,30 @@ def _quarantine_package(con, path: str, reason: str, run_id: str | None, out: Lo
         out.quarantined.append(entry)
 
 
+def _load_together(con, packages: Sequence[tuple[dict, dict]]) -> list[tuple[int, int] | None]:
+    """Packages in the caller's transaction: per head and table, consecutive packages with disjoint
+    documents in one set of statements (one scan of each table per set, not per package), a package
+    re-covering a document after them in the next set (oldest first: the latest rows win); each gets its
+    marker. Returns what `_load_package` returns for each, in order."""
+    out: list = [None] * len(packages)
+    todo = [(i, m, p) for i, (m, p) in enumerate(packages) if not _was_loaded(con, m)]
+    groups: dict[tuple[str, str], list] = {}
+    for i, m, p in todo:
+        groups.setdefault((m["table"], m["head"]), []).append((i, m, p))
+    for (table, head), members in groups.items():
+        run: list = []  # consecutive packages with disjoint documents, loaded with one set of statements
+        for member in members:
+            if run and not _disjoint([(m, p) for _, m, p in run + [member]]):
+                _replace_docs(con, table, head, [(m, p) for _, m, p in run])
+                run = []
+            run.append(member)
+        if run:
+            _replace_docs(con, table, head, [(m, p) for _, m, p in run])
+        for i, m, p in members:
+            out[i] = _mark_loaded(con, m, p)
+    return out
+
+
 def _load_batch(con, paths: Sequence[str], run_id: str | None, tables: Sequence[ResultTable], out: Loaded,
                 log) -> None:
     """Several packages in one transaction, each as `load_shard` would (so exactly-once holds per package);
@@ -499,7 +563,7 @@ def _load_batch(con, paths: Sequence[str], run_id: str | None, tables: Sequence[
         return
     con.execute("BEGIN TRANSACTION")
     try:
-        loaded = [_load_package(con, manifest, parts) for _, manifest, parts in good]
+        loaded = _load_together(con, [(manifest, parts) for _, manifest, parts in good])
         con.execute("COMMIT")
     except _UNLOADABLE as exc:
         con.execute("ROLLBACK")
