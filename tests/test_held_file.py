@@ -6,6 +6,7 @@ nobody held (the independent reference).
 """
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -58,16 +59,19 @@ class Holder:
         self.proc.wait()
 
 
-def _project(root: Path, tiny_models, *, ner_where: str | None = None, load_wait: float = 2) -> Path:
-    (root / "corpus").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(_rows(0, 12)), root / "corpus" / "a.parquet")
+_BASES: dict = {}
+
+
+def _project(root: Path, tiny_models, tmp_path_factory, *, ner_where: str | None = None, load_wait: float = 2) -> Path:
+    """A config over a 24-document corpus whose database already holds the first 12 (a first run made
+    once per module and copied), and a reference: a clean run of the whole corpus nobody held."""
     ner = f"""
 [heads.people]
 task = "ner"
 model = "{tiny_models['ner']}"
 where = "{ner_where}"
 """ if ner_where else ""
-    (root / "pipeline.toml").write_text(f"""
+    body = f"""
 corpus = "corpus"
 database = "results.duckdb"
 unit_docs = 4
@@ -75,12 +79,27 @@ load_wait = {load_wait}
 [heads.topic]
 task = "classification"
 model = "{tiny_models['classification']}"
-{ner}""")
+{ner}"""
+    if ner_where not in _BASES:
+        base = tmp_path_factory.mktemp("held-base")
+        (base / "corpus").mkdir()
+        (base / "first").mkdir()
+        pq.write_table(pa.Table.from_pylist(_rows(0, 12)), base / "first" / "a.parquet")
+        pq.write_table(pa.Table.from_pylist(_rows(0, 12)), base / "corpus" / "a.parquet")
+        pq.write_table(pa.Table.from_pylist(_rows(12, 24)), base / "corpus" / "b.parquet")
+        (base / "pipeline.toml").write_text(body)
+        assert main(["run", str(base / "pipeline.toml"), "--corpus", str(base / "first"), "--no-progress"]) == 0
+        assert main(["run", str(base / "pipeline.toml"), "--db", str(base / "reference.duckdb"), "--no-progress"]) == 0
+        _BASES[ner_where] = base
+    base = _BASES[ner_where]
+    shutil.copytree(base / "corpus", root / "corpus")
+    shutil.copy(base / "results.duckdb", root / "results.duckdb")
+    (root / "pipeline.toml").write_text(body)
     return root / "pipeline.toml"
 
 
-def _add_docs(root: Path) -> None:
-    pq.write_table(pa.Table.from_pylist(_rows(12, 24)), root / "corpus" / "b.parquet")
+def _reference(ner_where: str | None = None) -> dict:
+    return _tables(_BASES[ner_where] / "reference.duckdb")
 
 
 def _tables(db) -> dict:
@@ -101,23 +120,15 @@ def _one(db, sql):
         con.close()
 
 
-def _reference(cfg: Path, name: str) -> dict:
-    db = cfg.parent / f"{name}.duckdb"
-    assert main(["run", str(cfg), "--db", str(db), "--no-progress"]) == 0
-    return _tables(db)
-
-
 def _staged(root: Path) -> list[Path]:
     return [p for p in (root / "results.duckdb.staging").glob("*/*") if p.parent.name != "quarantine"]
 
 
 @pytest.mark.parametrize("then", ["load", "next_run"])
-def test_a_reader_held_through_a_run_costs_nothing(tmp_path, tiny_models, prefect_harness, capsys, then):
-    cfg = _project(tmp_path, tiny_models)
+def test_a_reader_held_through_a_run_costs_nothing(tmp_path, tmp_path_factory, tiny_models, prefect_harness, capsys, then):
+    cfg = _project(tmp_path, tiny_models, tmp_path_factory)
     db = tmp_path / "results.duckdb"
-    assert main(["run", str(cfg), "--no-progress"]) == 0
-    _add_docs(tmp_path)
-    reference = _reference(cfg, "reference")
+    reference = _reference()
     capsys.readouterr()
     holder = Holder(str(db), "ro", 600, tmp_path)
     try:
@@ -153,13 +164,11 @@ def test_a_reader_held_through_a_run_costs_nothing(tmp_path, tiny_models, prefec
     assert not _staged(tmp_path)
 
 
-def test_a_reader_that_closes_mid_run_lets_everything_load_in_that_run(tmp_path, tiny_models, prefect_harness,
-                                                                        capsys):
-    cfg = _project(tmp_path, tiny_models, load_wait=60)
+def test_a_reader_that_closes_mid_run_lets_everything_load_in_that_run(tmp_path, tmp_path_factory, tiny_models,
+                                                                        prefect_harness, capsys):
+    cfg = _project(tmp_path, tiny_models, tmp_path_factory, load_wait=60)
     db = tmp_path / "results.duckdb"
-    assert main(["run", str(cfg), "--no-progress"]) == 0
-    _add_docs(tmp_path)
-    reference = _reference(cfg, "reference")
+    reference = _reference()
     capsys.readouterr()
     holder = Holder(str(db), "ro", 4, tmp_path)  # closes by itself after 4 s
     try:
@@ -174,12 +183,11 @@ def test_a_reader_that_closes_mid_run_lets_everything_load_in_that_run(tmp_path,
     assert not _staged(tmp_path)
 
 
-def test_a_read_write_holder_makes_the_run_exit_75_and_lose_nothing(tmp_path, tiny_models, prefect_harness, capsys):
-    cfg = _project(tmp_path, tiny_models)
+def test_a_read_write_holder_makes_the_run_exit_75_and_lose_nothing(tmp_path, tmp_path_factory, tiny_models,
+                                                                    prefect_harness, capsys):
+    cfg = _project(tmp_path, tiny_models, tmp_path_factory)
     db = tmp_path / "results.duckdb"
-    assert main(["run", str(cfg), "--no-progress"]) == 0
-    _add_docs(tmp_path)
-    reference = _reference(cfg, "reference")
+    reference = _reference()
     before = _tables(db)
     capsys.readouterr()
     holder = Holder(str(db), "rw", 600, tmp_path)
@@ -199,13 +207,11 @@ def test_a_read_write_holder_makes_the_run_exit_75_and_lose_nothing(tmp_path, ti
     assert _tables(db) == reference
 
 
-def test_a_level_reading_upstream_results_is_deferred_while_the_file_is_held(tmp_path, tiny_models,
-                                                                             prefect_harness, capsys):
-    cfg = _project(tmp_path, tiny_models, ner_where="topic.label IS NOT NULL")
+def test_a_level_reading_upstream_results_is_deferred_while_the_file_is_held(tmp_path, tmp_path_factory,
+                                                                             tiny_models, prefect_harness, capsys):
+    cfg = _project(tmp_path, tiny_models, tmp_path_factory, ner_where="topic.label IS NOT NULL")
     db = tmp_path / "results.duckdb"
-    assert main(["run", str(cfg), "--no-progress"]) == 0
-    _add_docs(tmp_path)
-    reference = _reference(cfg, "reference")
+    reference = _reference("topic.label IS NOT NULL")
     capsys.readouterr()
     holder = Holder(str(db), "ro", 600, tmp_path)
     try:
