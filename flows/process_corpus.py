@@ -212,7 +212,14 @@ class _Loader:
         self.recovered = 0
         self.waiting = 0
         self.deadline: float | None = None
-        self.units: dict[str, str] = {}  # shard id -> "<file>: <head> failed on rows <unit>" (a line per unit)
+        self.units: list = []  # (head, unit) of this run's units whose packages may load now: in flight, just done
+
+    def _unit_named(self, shard: str) -> str:
+        """The unit that staged a package, as a failed unit is reported (looked up only for a quarantine)."""
+        for head, unit in self.units:
+            if shard_id_for(self.s.run_id, head, unit) == shard:
+                return f"{unit.source or unit.path}: {head} failed on rows {unit.unit_id}"
+        return "load package"
 
     def load(self, wait_seconds: float) -> bool:
         """Apply what waits, waiting up to `wait_seconds` for the file; True when nothing waits any more."""
@@ -222,7 +229,7 @@ class _Loader:
             if head in self.s.heads:
                 self.s.heads[head].rows += rows
         for entry in got["quarantined"]:  # the unit's error, as if its load had raised
-            where = self.units.get(entry.split(":")[0], "load package")
+            where = self._unit_named(entry.split(":")[0])
             self.s.file_errors.append(f"{where} (PackageQuarantined: {entry.strip()[:200]})")
         self.waiting = got["waiting"]
         return not got["busy"]
@@ -310,8 +317,6 @@ def _run_level(cfg, level, plans, level_plan, s: RunSummary, staging: str, windo
             unit, h, cfg.id_column, cfg.text_column, s.run_id, s.heads[h.name].model_id, staging,
             cfg.max_resident_models)
         pending[future] = (h, unit)
-        loader.units[shard_id_for(s.run_id, h.name, unit)] = f"{unit.source or unit.path}: {h.name} failed on rows " \
-                                                              f"{unit.unit_id}"
     while pending:
         _finish_one(cfg, pending, progress, s, t0, loader)
 
@@ -343,7 +348,11 @@ def _finish_one(cfg, pending: dict, progress: dict, s: RunSummary, t0: float, lo
         hs.workers.append(out.worker)
     emit("unit_done", head=h.name, docs=len(unit.rows) + len(unit.refused), failed=out.failed)
     progress[h.name].unit_done(len(unit.rows) + len(unit.refused))
-    loader.load(0)
+    loader.units = [(h.name, unit), *((x.name, u) for x, u in pending.values())]
+    try:
+        loader.load(0)
+    finally:
+        loader.units = []
 
 
 def _check_heads(level, s: RunSummary) -> None:
