@@ -1,4 +1,4 @@
-"""The corpus flow: plan incremental work, run the heads level by level, load each package as it lands.
+"""The corpus flow: plan incremental work, run the heads level by level, load packages as they land.
 
 Orchestration only: reading, inference and writing live in tasks/, heads/ and storage/.
 """
@@ -91,8 +91,11 @@ def process_corpus(config_path: str | None = None, corpus: str | None = None, da
     Heads run level by level (a head after the heads whose results it reads); the units of one level's
     heads are submitted in turns through a window of `max_units_in_flight`, so independent heads run
     concurrently (on Dask workers with `--runner dask`), and each finished unit is loaded here, by the
-    one process that writes DuckDB. Model ids come from the files: a model loads only for a head that
-    has work (a rerun with nothing to do loads none).
+    one process that writes DuckDB. Every write of the run is staged first and loaded when the file can
+    be had, so a reader holding it delays loads (up to `load_wait`, then they wait on disk for
+    `taskheads load` or the next run: `completed_pending_load`) and never fails the run. Model ids
+    come from the files: a model loads only for a head that has work (a rerun with nothing to do loads
+    none).
     """
     started = time.perf_counter()
     if config is not None:
