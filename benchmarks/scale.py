@@ -9,6 +9,10 @@ Per size, each measurement in its own process (peak RSS from getrusage of that c
 - plan (lists): the same plan with every unit built in Python at once (plan_work, the old way) - the peer;
 - load: staged packages of `unit_docs` documents loaded into an empty table, then again into the table
   holding every row (each package replaces its documents) - docs/s each;
+- load into N rows (`loadinto`, `--load-rows`): tables already holding N documents (ids in no order), then
+  the time to load one 2,000-document package replacing stored documents, 16 such packages one
+  transaction each (`load_shard`), and 16 queued packages through the run's loader (`load_staged`:
+  one transaction, disjoint packages sharing one scan per table);
 - no-op rerun: the database is given every document's state as a finished run would leave it, then
   the corpus flow runs with nothing to do (a language head and an embedding head on
   all-MiniLM-L6-v2) - wall seconds of the process, seconds inside the flow, peak RSS - against an
@@ -116,6 +120,50 @@ for round_ in ("empty", "full"):
 print(json.dumps(out))
 """
 
+LOAD_INTO = r"""
+import json, os, statistics, sys, time
+import duckdb
+from heads.registry import result_tables
+from storage import db
+from storage.staging import stage_shard
+database, n, stage = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+tables = result_tables()
+table = next(t for t in tables if t.name == "languages")
+db.ensure_schema(database, tables=tables)
+con = duckdb.connect(database)
+t0 = time.perf_counter()  # n documents already loaded, their ids in no order (as hashed or UUID ids would be)
+con.execute("INSERT INTO languages BY NAME SELECT 'lang' AS head, i::VARCHAR AS doc_id, 'en' AS language, "
+            "0.9 AS confidence, 100 AS n_chars, 'seed' AS run_id, 'm-lang' AS model_id FROM range(?) t(i) "
+            "ORDER BY hash(i)", [n])
+con.execute("INSERT INTO doc_state SELECT 'lang', i::VARCHAR, 'f', 'm-lang', 'seed', 'done', now() FROM range(?) t(i) "
+            "ORDER BY hash(i)", [n])
+con.close()
+fill = time.perf_counter() - t0
+def package(folder, name, lo):  # 2,000 documents that replace stored ones (fresh ids when the table is empty)
+    ids = [str(i) for i in range(lo, lo + 2000)]
+    rows = [{"head": "lang", "doc_id": d, "language": "de", "confidence": 0.8, "n_chars": 90} for d in ids]
+    covered = [{"doc_id": d, "fingerprint": "g", "status": "done"} for d in ids]
+    os.makedirs(folder, exist_ok=True)
+    return stage_shard(folder, name, "lang", table, "m-lang", rows, [], covered, "bench")
+spread = max(n - 2000, 1) // 16
+one = []
+for k in range(5):
+    m = package(stage + "/one", f"one-{k}", (k * 7 + 3) * spread % max(n - 2000, 1))
+    t0 = time.perf_counter(); db.load_shard(database, m, tables=tables); one.append(time.perf_counter() - t0)
+paths = [package(stage + "/each", f"each-{k}", k * spread) for k in range(16)]
+t0 = time.perf_counter()
+for m in paths:
+    db.load_shard(database, m, tables=tables)
+each = time.perf_counter() - t0
+for k in range(16):
+    package(stage + "/bench", f"batch-{k}", k * spread + 1000)
+t0 = time.perf_counter()
+got = db.load_staged(database, tables=tables, staging=None, batch=16)
+batch = time.perf_counter() - t0
+assert got.packages == 16, got
+print(json.dumps({"fill_s": fill, "one_s": statistics.median(one), "each16_s": each, "batch16_s": batch}))
+"""
+
 STATE = r"""
 import json, sys
 import duckdb
@@ -189,13 +237,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="100000,1000000")
     ap.add_argument("--work", default="/tmp/taskheads-scale")
-    ap.add_argument("--skip", default="", help="comma list of: plan,lists,load,rerun")
+    ap.add_argument("--skip", default="", help="comma list of: plan,lists,load,rerun,loadinto")
+    ap.add_argument("--load-rows", default="0,1000000,10000000", help="loadinto: rows already in the tables")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     work = Path(args.work)
     PREFECT_ENV["PREFECT_HOME"] = str(work / "prefect-home")  # its own API database, shared by both flows
     results = []
-    for n in [int(x) for x in args.sizes.split(",")]:
+    for n in [int(x) for x in args.sizes.split(",") if x]:
         folder = work / str(n)
         corpus = folder / "corpus"
         r: dict = {"docs": n}
@@ -227,6 +276,17 @@ def main() -> None:
             r["empty_flow_after_s"] = out["seconds"]
         print(json.dumps(r), flush=True)
         results.append(r)
+    if "loadinto" not in skip:  # one package, and 16 queued ones, into tables already holding N rows
+        for n in [int(x) for x in args.load_rows.split(",")]:
+            folder = work / f"loadinto-{n}"
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            out, rss = child(LOAD_INTO, str(folder / "results.duckdb"), str(n), str(folder / "results.duckdb.staging"))
+            r = {"rows_in_table": n, **out, "rss_mb": rss}
+            print(json.dumps(r), flush=True)
+            results.append(r)
     (work / "results.json").write_text(json.dumps(results, indent=1))
 
 

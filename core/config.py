@@ -132,6 +132,11 @@ class PipelineKeys(Keys):
     max_units_in_flight: Annotated[int, Field(ge=1)] | None = None
     """work units submitted and not yet loaded, all heads of a level together (default: 2 per worker); units
     are read from the plan as room frees up, so memory does not grow with the corpus"""
+    load_wait: Annotated[float, Field(ge=0)] = 600.0
+    """seconds a run waits, with backoff, for the database file to load its staged packages after the last
+    unit (and before a level reading upstream results) while another process holds the file; a run never
+    fails for it: what is left waits, staged, for `taskheads load CONFIG` or the next run. Also how long a
+    run waits before giving up (exit 75) when another process holds the file read-write"""
 
 
 # --- one line per problem ---------------------------------------------------------------------------

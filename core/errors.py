@@ -32,5 +32,10 @@ class DatabaseBusy(Exception):
     """Another process holds the DuckDB file; transient, worth retrying."""
 
 
+class DatabaseLocked(DatabaseBusy):
+    """Another process holds the DuckDB file read-write (a DuckDB CLI, a plain `duckdb.connect(path)`), so
+    not even reading is possible: a run gives up after `load_wait` with exit 75 (temporary failure)."""
+
+
 class SchemaTooNew(Exception):
     """The database was written by a newer taskheads (or DuckDB) than this one; never touch it."""

@@ -1,4 +1,4 @@
-"""The corpus flow: plan incremental work, run the heads level by level, load each package as it lands.
+"""The corpus flow: plan incremental work, run the heads level by level, load packages as they land.
 
 Orchestration only: reading, inference and writing live in tasks/, heads/ and storage/.
 """
@@ -23,9 +23,9 @@ from storage.plan import PlanHead
 from storage.staging import staging_dir
 from tasks.corpus import plan_corpus, preview_corpus
 from tasks.evaluate import evaluate_gold
-from tasks.inference import infer_unit
-from tasks.load import finish_run, load_shard, recover_staged, start_run
-from tasks.models import identify_models, load_models, register_models
+from tasks.inference import infer_unit, shard_id_for
+from tasks.load import create_database, load_staged, stage_evaluation, stage_run_finish, stage_run_start, wait_readable
+from tasks.models import identify_models, load_models
 
 from .artifact import HeadProgress, publish_run_artifact
 
@@ -63,6 +63,9 @@ class RunSummary:
     file_errors: list[str] = field(default_factory=list)
     heads: dict[str, HeadSummary] = field(default_factory=dict)
     wall_seconds: float = 0.0
+    config: str | None = None  # the config file, if any (the pending-load line names it)
+    pending_packages: int = 0  # load packages still staged at the end: another process held the file
+    deferred: list[str] = field(default_factory=list)  # heads left to the next run: upstream results not loaded
 
     def head_stats(self) -> dict:
         return {name: asdict(h) for name, h in self.heads.items()}
@@ -90,8 +93,11 @@ def process_corpus(config_path: str | None = None, corpus: str | None = None, da
     Heads run level by level (a head after the heads whose results it reads); the units of one level's
     heads are submitted in turns through a window of `max_units_in_flight`, so independent heads run
     concurrently (on Dask workers with `--runner dask`), and each finished unit is loaded here, by the
-    one process that writes DuckDB. Model ids come from the files: a model loads only for a head that
-    has work (a rerun with nothing to do loads none).
+    one process that writes DuckDB. Every write of the run is staged first and loaded when the file can
+    be had, so a reader holding it delays loads (up to `load_wait`, then they wait on disk for
+    `taskheads load` or the next run: `completed_pending_load`) and never fails the run. Model ids
+    come from the files: a model loads only for a head that has work (a rerun with nothing to do loads
+    none).
     """
     started = time.perf_counter()
     if config is not None:
@@ -104,10 +110,13 @@ def process_corpus(config_path: str | None = None, corpus: str | None = None, da
     preflight(cfg)
     log = get_run_logger()
     run_id = str(flow_run.get_id() or "local")
-    s = RunSummary(run_id=run_id, database=cfg.database, heads={h.name: HeadSummary(task=h.task) for h in cfg.heads})
+    s = RunSummary(run_id=run_id, database=cfg.database, config=cfg.source,
+                   heads={h.name: HeadSummary(task=h.task) for h in cfg.heads})
     plan_heads, identities = _plan_heads(cfg, s)  # from the models' files: nothing loaded yet
     levels = [list(level) for level in cfg.levels()]
     preview: list = []
+    # planning reads beside analysts' read-only connections; a read-write holder keeps it out (exit 75)
+    wait_readable(cfg.database, cfg.load_wait)
     if not Path(cfg.database).exists():  # a first run: every head has work; load them before any write
         load_models(list(cfg.heads), cfg.max_resident_models)
     with run_lock(cfg.database):
@@ -119,14 +128,24 @@ def process_corpus(config_path: str | None = None, corpus: str | None = None, da
                                      retry_failed)
             busy = _heads_with_work(levels, preview)
             load_models([h for h in cfg.heads if h.name in busy], cfg.max_resident_models)
-        start_run(cfg.database, run_id, cfg.source, cfg.corpus)
+        else:
+            create_database(cfg.database)  # a new file no other process can hold yet
+        # every write of the run is staged and applied by the loader when it gets the file
+        stage_run_start(cfg.database, run_id, cfg.source, cfg.corpus, identities, cfg.staging)
+        loader = _Loader(cfg, s)
         try:
-            register_models(cfg.database, identities)
-            s.recovered_rows = recover_staged(cfg.database, run_id, cfg.staging)
+            loader.load(0)  # what earlier runs left (a crash, a held file) loads first
+            s.recovered_rows = loader.recovered
             staging = staging_dir(cfg.database, run_id, cfg.staging)
             changed = s.recovered_rows > 0
             window = cfg.max_units_in_flight or 2 * _workers()
             for depth, level in enumerate(levels):
+                if depth and not loader.load_all():  # this level plans from results still staged
+                    s.deferred = [h.name for later in levels[depth:] for h in later]
+                    log.warning(f"heads {', '.join(s.deferred)} deferred to the next run: their upstream results "
+                                f"could not be loaded within load_wait ({cfg.load_wait:g} s)")
+                    break
+                wait_readable(cfg.database, cfg.load_wait)
                 known = preview[depth] if depth < len(preview) else None
                 if known is not None and not changed and not any(p.n_units for p in known[2].values()):
                     files, usable, plans, docs_read, errors = known  # nothing to do: the preview is the plan
@@ -142,28 +161,89 @@ def process_corpus(config_path: str | None = None, corpus: str | None = None, da
                     s.files, s.docs_read = len(files), docs_read
                 s.file_errors += [e for e in errors if e not in s.file_errors]
                 try:
-                    _run_level(cfg, level, plans, level_plan, s, str(staging), window)
+                    _run_level(cfg, level, plans, level_plan, s, str(staging), window, loader)
                 finally:
                     if level_plan is not None:
                         level_plan.close()
                 _check_heads(level, s)
-                for h in level:
-                    if h.gold_column:
+                gold = [h for h in level if h.gold_column]
+                loaded = bool(gold) and (loader.load_all() or not loader.waiting)
+                for h in gold:  # metrics read the stored results: computed now if the level's are loaded,
+                    if loaded:  # else by the loader once the file frees up
                         s.heads[h.name].metrics = evaluate_gold(cfg.database, usable, h, cfg.id_column,
-                                                                s.heads[h.name].model_id, run_id)
+                                                                s.heads[h.name].model_id, run_id, cfg.staging)
+                    else:
+                        stage_evaluation(cfg.database, run_id, usable, h, cfg.id_column, s.heads[h.name].model_id,
+                                         cfg.staging)
+            loader.load_all()  # after the last unit: up to load_wait for what is still staged
             for e in s.file_errors:
                 log.error(e)
-            s.status = "completed_with_errors" if s.file_errors else "completed"
+            s.pending_packages = loader.waiting
+            s.status = ("completed_with_errors" if s.file_errors else
+                        "completed_pending_load" if s.pending_packages or s.deferred else "completed")
         except BaseException as exc:
             s.status = "failed"
-            finish_run(cfg.database, run_id, "failed", s.docs_read, s.head_stats(), s.file_errors,
-                       f"{type(exc).__name__}: {exc}")
+            stage_run_finish(cfg.database, run_id, "failed", s.docs_read, s.head_stats(), s.file_errors,
+                             f"{type(exc).__name__}: {exc}", cfg.staging)
+            try:
+                loader.load(0)
+            except Exception as also:  # the run's own error is the one to report; this one is logged
+                log.error(f"staged writes not applied: {type(also).__name__}: {also}")
             raise
         s.wall_seconds = time.perf_counter() - started
-        finish_run(cfg.database, run_id, s.status, s.docs_read, s.head_stats(), s.file_errors)
+        stage_run_finish(cfg.database, run_id, s.status, s.docs_read, s.head_stats(), s.file_errors, None,
+                         cfg.staging)
+        loader.load(0 if s.pending_packages else min(5.0, cfg.load_wait))
+        if s.pending_packages:
+            log.warning(pending_line(s.pending_packages, cfg.source))
     summary = asdict(s)
     publish_run_artifact(summary)
     return summary
+
+
+def pending_line(n: int, config: str | None) -> str:
+    """The one line a run ends with when load packages still wait for the database."""
+    return (f"{n} load package(s) wait for the database (another process holds the file): load them with "
+            f"`taskheads load {config or 'CONFIG'}`, or the next run loads them first")
+
+
+class _Loader:
+    """The run's side of the staged loader: loads what waits when the file can be had, counts what it
+    loaded into the summary, and keeps one `load_wait` budget for the whole run (a level that waited it
+    out does not make the last wait long again)."""
+
+    def __init__(self, cfg, s: RunSummary) -> None:
+        self.cfg, self.s = cfg, s
+        self.recovered = 0
+        self.waiting = 0
+        self.deadline: float | None = None
+        self.units: list = []  # (head, unit) of this run's units whose packages may load now: in flight, just done
+
+    def _unit_named(self, shard: str) -> str:
+        """The unit that staged a package, as a failed unit is reported (looked up only for a quarantine)."""
+        for head, unit in self.units:
+            if shard_id_for(self.s.run_id, head, unit) == shard:
+                return f"{unit.source or unit.path}: {head} failed on rows {unit.unit_id}"
+        return "load package"
+
+    def load(self, wait_seconds: float) -> bool:
+        """Apply what waits, waiting up to `wait_seconds` for the file; True when nothing waits any more."""
+        got = load_staged(self.cfg.database, self.s.run_id, self.cfg.staging, wait_seconds)
+        self.recovered += got["recovered_rows"]
+        for head, rows in got["rows"].items():
+            if head in self.s.heads:
+                self.s.heads[head].rows += rows
+        for entry in got["quarantined"]:  # the unit's error, as if its load had raised
+            where = self._unit_named(entry.split(":")[0])
+            self.s.file_errors.append(f"{where} (PackageQuarantined: {entry.strip()[:200]})")
+        self.waiting = got["waiting"]
+        return not got["busy"]
+
+    def load_all(self) -> bool:
+        """Load what waits, retrying with backoff until the run's `load_wait` budget runs out."""
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.cfg.load_wait
+        return self.load(max(0.0, self.deadline - time.monotonic()))
 
 
 def _plan_heads(cfg, s: RunSummary) -> tuple[dict[str, PlanHead], list[dict]]:
@@ -217,10 +297,11 @@ def _round_robin(level, level_plan):
                 yield h, unit
 
 
-def _run_level(cfg, level, plans, level_plan, s: RunSummary, staging: str, window: int) -> None:
+def _run_level(cfg, level, plans, level_plan, s: RunSummary, staging: str, window: int, loader) -> None:
     """Submit the level's units through a window of `window` units in flight (submitted, not yet
-    loaded), loading each as it finishes (in this process); the next unit is read from the plan only
-    when one leaves the window, so memory follows the window, not the corpus."""
+    inferred), loading what is staged as each finishes (in this process, when the file can be had at
+    once: while another process holds it, units go on inferring and staging); the next unit is read
+    from the plan only when one leaves the window, so memory follows the window, not the corpus."""
     t0 = time.perf_counter()
     log = get_run_logger()
     progress: dict[str, HeadProgress] = {}
@@ -237,24 +318,23 @@ def _run_level(cfg, level, plans, level_plan, s: RunSummary, staging: str, windo
     numbers = {h.name: 0 for h in level}
     for h, unit in _round_robin(level, level_plan):
         while len(pending) >= window:
-            _finish_one(cfg, pending, progress, s, t0)
+            _finish_one(cfg, pending, progress, s, t0, loader)
         numbers[h.name] += 1  # task runs read `infer-<head>-<n>` in the UI
         future = infer_unit.with_options(task_run_name=f"infer-{h.name}-{numbers[h.name]}").submit(
             unit, h, cfg.id_column, cfg.text_column, s.run_id, s.heads[h.name].model_id, staging,
             cfg.max_resident_models)
         pending[future] = (h, unit)
     while pending:
-        _finish_one(cfg, pending, progress, s, t0)
+        _finish_one(cfg, pending, progress, s, t0, loader)
 
 
-def _finish_one(cfg, pending: dict, progress: dict, s: RunSummary, t0: float) -> None:
-    """Wait for the first unit in flight to finish, load its package and count it."""
+def _finish_one(cfg, pending: dict, progress: dict, s: RunSummary, t0: float, loader) -> None:
+    """Wait for the first unit in flight to finish, count it and load what is staged if the file is free."""
     future = next(iter(as_completed(list(pending))))
     h, unit = pending.pop(future)
     hs = s.heads[h.name]
     try:
         out = future.result()
-        hs.rows += load_shard(cfg.database, out.manifest)[0]
     except Exception as exc:  # a bug, a broken model, a file changed mid-run: loud, and the rest goes on
         get_run_logger().error(f"head {h.name}, unit {unit.unit_id} failed; its documents stay as they were and "
                                "are retried next run", exc_info=exc)
@@ -275,6 +355,11 @@ def _finish_one(cfg, pending: dict, progress: dict, s: RunSummary, t0: float) ->
         hs.workers.append(out.worker)
     emit("unit_done", head=h.name, docs=len(unit.rows) + len(unit.refused), failed=out.failed)
     progress[h.name].unit_done(len(unit.rows) + len(unit.refused))
+    loader.units = [(h.name, unit), *((x.name, u) for x, u in pending.values())]
+    try:
+        loader.load(0)
+    finally:
+        loader.units = []
 
 
 def _check_heads(level, s: RunSummary) -> None:

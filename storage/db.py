@@ -9,22 +9,27 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
+import re
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import duckdb
+import pyarrow as pa
 
-from core.errors import DatabaseBusy, SchemaTooNew
+from core.errors import DatabaseBusy, DatabaseLocked, SchemaTooNew
 from core.faults import checkpoint
 from core.tables import ResultTable
 
 from . import migrations
 from .schema import META_TABLE
 from .migrations import MigrationError  # noqa: F401  (raised from here)
-from .staging import BadPackage, clear_staging, quarantine, read_manifest, remove_shard, staged_manifests
+from .staging import (BadPackage, clear_staging, quarantine, read_manifest, read_op, remove_shard, stage_op,
+                      staged_manifests, staged_ops, staging_dir)
 
 _log = logging.getLogger("taskheads.storage")
 
@@ -35,6 +40,12 @@ STORAGE_COMPATIBILITY = "v1.0.0"
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _holder(exc: BaseException) -> str:
+    """The process DuckDB names as holding the file's lock ("python3.11, PID 123")."""
+    m = re.search(r"held in (.+?) \(PID (\d+)\)", str(exc))
+    return f"{Path(m[1]).name}, PID {m[2]}" if m else "a process DuckDB does not name"
 
 
 def connect(path: str, read_only: bool = False, wait_seconds: float = 30.0) -> duckdb.DuckDBPyConnection:
@@ -59,7 +70,14 @@ def connect(path: str, read_only: bool = False, wait_seconds: float = 30.0) -> d
                                    "can read; upgrade taskheads to use it") from None
             if "lock" not in str(exc).lower() or time.monotonic() >= deadline:
                 if "lock" in str(exc).lower():
-                    raise DatabaseBusy(f"{path}: locked by another process for over {wait_seconds:.0f} s") from exc
+                    if read_only:  # readers coexist: only a read-write holder keeps a reader out
+                        raise DatabaseLocked(
+                            f"{path}: locked by another process ({_holder(exc)}) holding it read-write for "
+                            f"over {wait_seconds:.0f} s (a DuckDB CLI or duckdb.connect(path) without read_only "
+                            "keeps every other process out): close it or open it read-only; nothing was written"
+                        ) from None
+                    raise DatabaseBusy(f"{path}: locked by another process ({_holder(exc)}) for over "
+                                       f"{wait_seconds:.0f} s; try again") from None
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
@@ -96,7 +114,7 @@ def database_id(database: str) -> str:
     """The UUID the database got when it was created (or migrated to a versioned schema)."""
     if not Path(database).exists():
         raise FileNotFoundError(f"{database}: no such database (its id names its staging folder)")
-    con = connect(database)
+    con = connect(database, read_only=True)  # beside analysts' read-only connections
     try:
         found = migrations.database_id(con)
     finally:
@@ -171,14 +189,18 @@ def recover(database: str, run_id: str, staging: str | None = None, log: Callabl
 def register_model(database: str, model: dict[str, Any]) -> None:
     con = connect(database)
     try:
-        con.execute(
-            "INSERT INTO models (model_id, head, task, source, revision, resolved_revision, weights_sha256, params, "
-            "dtype, registered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model_id) DO NOTHING",
-            [model["model_id"], model["head"], model["task"], model["source"], model.get("revision"),
-             model.get("resolved_revision"), model.get("weights_sha256"), json.dumps(model.get("params", {})),
-             model.get("dtype"), _now()])
+        _register_model(con, model)
     finally:
         con.close()
+
+
+def _register_model(con, model: dict[str, Any]) -> None:
+    con.execute(
+        "INSERT INTO models (model_id, head, task, source, revision, resolved_revision, weights_sha256, params, "
+        "dtype, registered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model_id) DO NOTHING",
+        [model["model_id"], model["head"], model["task"], model["source"], model.get("revision"),
+         model.get("resolved_revision"), model.get("weights_sha256"), json.dumps(model.get("params", {})),
+         model.get("dtype"), _now()])
 
 
 def last_throughput(database: str) -> dict[str, float]:
@@ -211,29 +233,41 @@ def map_legacy_model(database: str, model: dict[str, Any], *, tables: Sequence[R
 
     The mapping is recorded in taskheads_meta (`legacy_model:<old id>` = new id), so later runs skip it
     and a later change of the model (another new id) does not inherit the old rows."""
-    legacy, new, head = model.get("legacy_model_id"), model["model_id"], model["head"]
-    if not legacy or legacy == new:
+    if not model.get("legacy_model_id") or model["legacy_model_id"] == model["model_id"]:
         return 0
     con = connect(database)
     try:
-        key = f"legacy_model:{legacy}"
-        if con.execute(f"SELECT 1 FROM {META_TABLE} WHERE key = ?", [key]).fetchone():
-            return 0
-        if not con.execute("SELECT 1 FROM models WHERE model_id = ? AND head = ?", [legacy, head]).fetchone():
-            return 0
-        present = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = "
-                                             "current_database() AND schema_name = 'main'").fetchall()}
         con.execute("BEGIN TRANSACTION")
-        (mapped,) = con.execute("SELECT count(*) FROM doc_state WHERE head = ? AND model_id = ?",
-                                [head, legacy]).fetchone()
-        for table in ["doc_state", "failed_docs", "evaluations", *sorted({t.name for t in tables})]:
-            if table in present:
-                con.execute(f"UPDATE {table} SET model_id = ? WHERE head = ? AND model_id = ?", [new, head, legacy])
-        con.execute(f"INSERT OR REPLACE INTO {META_TABLE} (key, value) VALUES (?, ?)", [key, new])
-        con.execute("COMMIT")
+        try:
+            mapped = _map_legacy_model(con, model, tables)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
         return mapped
     finally:
         con.close()
+
+
+def _map_legacy_model(con, model: dict[str, Any], tables: Sequence[ResultTable]) -> int:
+    """`map_legacy_model` inside the caller's transaction."""
+    legacy, new, head = model.get("legacy_model_id"), model["model_id"], model["head"]
+    if not legacy or legacy == new:
+        return 0
+    key = f"legacy_model:{legacy}"
+    if con.execute(f"SELECT 1 FROM {META_TABLE} WHERE key = ?", [key]).fetchone():
+        return 0
+    if not con.execute("SELECT 1 FROM models WHERE model_id = ? AND head = ?", [legacy, head]).fetchone():
+        return 0
+    present = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = "
+                                         "current_database() AND schema_name = 'main'").fetchall()}
+    (mapped,) = con.execute("SELECT count(*) FROM doc_state WHERE head = ? AND model_id = ?",
+                            [head, legacy]).fetchone()
+    for table in ["doc_state", "failed_docs", "evaluations", *sorted({t.name for t in tables})]:
+        if table in present:
+            con.execute(f"UPDATE {table} SET model_id = ? WHERE head = ? AND model_id = ?", [new, head, legacy])
+    con.execute(f"INSERT OR REPLACE INTO {META_TABLE} (key, value) VALUES (?, ?)", [key, new])
+    return mapped
 
 
 def record_evaluations(database: str, rows: Sequence[dict], *, tables: Sequence[ResultTable]) -> None:
@@ -242,16 +276,20 @@ def record_evaluations(database: str, rows: Sequence[dict], *, tables: Sequence[
     con = connect(database)
     try:
         con.execute("BEGIN TRANSACTION")
-        for r in rows:
-            con.execute("DELETE FROM evaluations WHERE head = ? AND model_id = ? AND metric = ? AND source = ? "
-                        "AND run_id IS NOT DISTINCT FROM ?",
-                        [r["head"], r["model_id"], r["metric"], r["source"], r.get("run_id")])
-            con.execute("INSERT INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        [r["head"], r["model_id"], r["metric"], float(r["value"]), int(r["n"]), r["source"],
-                         r.get("run_id"), _now()])
+        _record_evaluations(con, rows)
         con.execute("COMMIT")
     finally:
         con.close()
+
+
+def _record_evaluations(con, rows: Sequence[dict]) -> None:
+    for r in rows:
+        con.execute("DELETE FROM evaluations WHERE head = ? AND model_id = ? AND metric = ? AND source = ? "
+                    "AND run_id IS NOT DISTINCT FROM ?",
+                    [r["head"], r["model_id"], r["metric"], r["source"], r.get("run_id")])
+        con.execute("INSERT INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [r["head"], r["model_id"], r["metric"], float(r["value"]), int(r["n"]), r["source"],
+                     r.get("run_id"), _now()])
 
 
 def load_shard(database: str, manifest_path: str, *, tables: Sequence[ResultTable]) -> tuple[int, int]:
@@ -264,48 +302,98 @@ def load_shard(database: str, manifest_path: str, *, tables: Sequence[ResultTabl
     recovery after a crash) changes nothing. `tables`: the result tables a package may name.
     """
     manifest, parts = read_manifest(manifest_path, tables)
-    table, head = manifest["table"], manifest["head"]
     con = connect(database)
     try:
-        if con.execute("SELECT 1 FROM loaded_shards WHERE shard_id = ?", [manifest["shard_id"]]).fetchone():
-            con.close()
-            remove_shard(manifest_path)  # loaded before (a retry after a crash): nothing to do
-            return 0, 0
-        for part, data in parts.items():
-            con.register(f"staged_{part}", data)
         con.execute("BEGIN TRANSACTION")
         try:
-            done = "SELECT doc_id FROM staged_covered WHERE status = 'done'"
-            # attempts in a row on the same text and model: the previous failure's count + 1
-            con.execute(
-                "CREATE OR REPLACE TEMP TABLE new_failed AS SELECT s.* REPLACE ("
-                "  CASE WHEN p.doc_id IS NOT NULL AND p.fingerprint IS NOT DISTINCT FROM s.fingerprint "
-                "  AND p.model_id = s.model_id THEN p.attempts + 1 ELSE 1 END::INTEGER AS attempts) "
-                "FROM staged_failed s LEFT JOIN (SELECT doc_id, fingerprint, model_id, coalesce(max(attempts), 1) "
-                "  AS attempts FROM failed_docs WHERE head = ? AND stage <> 'plan' AND doc_id IS NOT NULL "
-                "  GROUP BY ALL) p ON p.doc_id = s.doc_id AND s.stage <> 'plan'", [head])
-            con.execute(f"DELETE FROM {table} WHERE head = ? AND doc_id IN ({done})", [head])
-            con.execute("DELETE FROM failed_docs f WHERE head = ? AND (doc_id IN (SELECT doc_id FROM staged_covered) "
-                        "OR EXISTS (SELECT 1 FROM staged_failed s WHERE s.source_file = f.source_file "
-                        "AND s.source_row = f.source_row))", [head])
-            con.execute(f"DELETE FROM doc_state WHERE head = ? AND doc_id IN ({done})", [head])
-            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM staged_results")
-            con.execute("INSERT INTO failed_docs BY NAME SELECT * FROM new_failed")
-            con.execute("INSERT INTO doc_state SELECT ?, doc_id, fingerprint, ?, ?, status, ? FROM staged_covered "
-                        "WHERE status = 'done'", [head, manifest["model_id"], manifest["run_id"], _now()])
-            con.execute("INSERT INTO loaded_shards VALUES (?, ?, ?, ?, ?, ?)",
-                        [manifest["shard_id"], manifest["run_id"], head, parts["results"].num_rows,
-                         parts["failed"].num_rows, _now()])
-            checkpoint("load")
+            loaded = _load_package(con, manifest, parts)
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
             raise
     finally:
         con.close()
-    checkpoint("loaded")
+    if loaded:
+        checkpoint("loaded")
     remove_shard(manifest_path)
+    return loaded or (0, 0)
+
+
+def _load_package(con, manifest: dict, parts: dict) -> tuple[int, int] | None:
+    """A package's statements inside the caller's transaction: its rows, `failed_docs`, `doc_state` and
+    its `loaded_shards` marker; None (nothing done) when the marker says it was loaded before."""
+    if _was_loaded(con, manifest):
+        return None  # loaded before (a retry after a crash): nothing to do
+    _replace_docs(con, manifest["table"], manifest["head"], [(manifest, parts)])
+    return _mark_loaded(con, manifest, parts)
+
+
+def _was_loaded(con, manifest: dict) -> bool:
+    return bool(con.execute("SELECT 1 FROM loaded_shards WHERE shard_id = ?", [manifest["shard_id"]]).fetchone())
+
+
+def _mark_loaded(con, manifest: dict, parts: dict) -> tuple[int, int]:
+    con.execute("INSERT INTO loaded_shards VALUES (?, ?, ?, ?, ?, ?)",
+                [manifest["shard_id"], manifest["run_id"], manifest["head"], parts["results"].num_rows,
+                 parts["failed"].num_rows, _now()])
+    checkpoint("load")
     return parts["results"].num_rows, parts["failed"].num_rows
+
+
+def _replace_docs(con, table: str, head: str, packages: Sequence[tuple[dict, dict]]) -> None:
+    """The rows of packages of one head and table, whose documents are disjoint, replacing those
+    documents' earlier rows, failures and `doc_state`, in the caller's transaction.
+
+    The tables have no index on doc_id, so each DELETE scans the head's rows once (a semi-join against
+    the packages' ids): done for several packages together, that scan is paid once per batch."""
+    def covered(manifest: dict, data: pa.Table) -> pa.Table:
+        n = data.num_rows
+        return data.append_column("model_id", pa.array([manifest["model_id"]] * n, pa.string())) \
+                   .append_column("run_id", pa.array([manifest["run_id"]] * n, pa.string()))
+
+    staged = {"results": pa.concat_tables([p["results"] for _, p in packages]),
+              "failed": pa.concat_tables([p["failed"] for _, p in packages]),
+              "covered": pa.concat_tables([covered(m, p["covered"]) for m, p in packages])}
+    for part, data in staged.items():
+        con.register(f"staged_{part}", data)
+    try:
+        done = "SELECT doc_id FROM staged_covered WHERE status = 'done'"
+        # attempts in a row on the same text and model: the previous failure's count + 1
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE new_failed AS SELECT s.* REPLACE ("
+            "  CASE WHEN p.doc_id IS NOT NULL AND p.fingerprint IS NOT DISTINCT FROM s.fingerprint "
+            "  AND p.model_id = s.model_id THEN p.attempts + 1 ELSE 1 END::INTEGER AS attempts) "
+            "FROM staged_failed s LEFT JOIN (SELECT doc_id, fingerprint, model_id, coalesce(max(attempts), 1) "
+            "  AS attempts FROM failed_docs WHERE head = ? AND stage <> 'plan' AND doc_id IS NOT NULL "
+            "  GROUP BY ALL) p ON p.doc_id = s.doc_id AND s.stage <> 'plan'", [head])
+        con.execute(f"DELETE FROM {table} WHERE head = ? AND doc_id IN ({done})", [head])
+        con.execute("DELETE FROM failed_docs f WHERE head = ? AND (doc_id IN (SELECT doc_id FROM staged_covered) "
+                    "OR EXISTS (SELECT 1 FROM staged_failed s WHERE s.source_file = f.source_file "
+                    "AND s.source_row = f.source_row))", [head])
+        con.execute(f"DELETE FROM doc_state WHERE head = ? AND doc_id IN ({done})", [head])
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM staged_results")
+        con.execute("INSERT INTO failed_docs BY NAME SELECT * FROM new_failed")
+        con.execute("INSERT INTO doc_state SELECT ?, doc_id, fingerprint, model_id, run_id, status, ? "
+                    "FROM staged_covered WHERE status = 'done'", [head, _now()])
+    finally:
+        for part in staged:
+            con.unregister(f"staged_{part}")
+
+
+def _disjoint(packages: Sequence[tuple[dict, dict]]) -> bool:
+    """No document (nor failed corpus row) in two of the packages: loaded together they give what loading
+    them one after the other gives."""
+    docs: set = set()
+    rows: set = set()
+    for _, parts in packages:
+        ids = parts["covered"].column("doc_id").to_pylist()
+        failed = parts["failed"]
+        keys = list(zip(failed.column("source_file").to_pylist(), failed.column("source_row").to_pylist()))
+        if docs.intersection(ids) or rows.intersection(keys) or len(set(ids)) < len(ids):
+            return False
+        docs.update(ids)
+        rows.update(keys)
+    return True
 
 
 # what DuckDB says when a package's rows do not fit the tables: the package is at fault, not the moment
@@ -338,6 +426,236 @@ def load_or_quarantine(database: str, manifest_path: str, run_id: str | None = N
     dest = quarantine(manifest_path, reason)
     (log or _log.error)(f"load package quarantined, never to be loaded: {entry} (moved to {dest})")
     return 0, 0, entry
+
+
+# --- every write of a run goes through its staging folder ----------------------------------------------
+# A run never opens the file for writing on its own schedule: it stages its writes (load packages, and
+# ops for its `runs` row, models, recovery, evaluations and finish) and `load_staged` applies whatever
+# waits in the first transactions that get the file. Analysts' read-only connections then cost a run
+# nothing: the writes wait on disk (for `taskheads load` or the next run) instead of failing the run.
+
+_FINAL_OPS = ("finish", "evaluations", "evaluate")  # applied after the packages loaded with them
+_MIGRATED: set[tuple] = set()  # (path, database id, result tables) brought to this code's schema here
+
+
+@dataclass
+class Loaded:
+    """What one `load_staged` call wrote, and what still waits."""
+
+    packages: int = 0  # load packages loaded
+    rows: dict[str, int] = field(default_factory=dict)  # result rows per head, of `run_id`'s packages
+    recovered_rows: int = 0  # result rows of other runs' packages (an interrupted or held run)
+    quarantined: list[str] = field(default_factory=list)  # "<shard>: <reason>" of `run_id`'s packages
+    ops: int = 0  # ops applied
+    waiting: int = 0  # packages still staged after the call
+    busy: str | None = None  # why the file could not be had, when it could not
+
+
+def stage_write(database: str, run_id: str, kind: str, payload: dict, staging: str | None = None) -> str:
+    """Stage one of a run's writes (`start`, `model`, `recover`, `evaluations`, `evaluate`, `finish`);
+    `load_staged` applies it. The time it was staged is its time (started_at, finished_at)."""
+    return stage_op(staging_dir(database, run_id, staging), kind, {"run_id": run_id, "at": _now().isoformat(),
+                                                                    **payload})
+
+
+def _migrate_once(con, database: str, tables: Sequence[ResultTable]) -> None:
+    key = (str(Path(database).resolve()), migrations.database_id(con), tuple(sorted(t.name for t in tables)))
+    if key[1] is None or key not in _MIGRATED:
+        migrations.migrate(con, database, tables)
+        _MIGRATED.add((key[0], migrations.database_id(con), key[2]))
+
+
+def _apply_op(con, op: dict, tables: Sequence[ResultTable]) -> None:
+    kind, run_id, at = op["kind"], op["run_id"], datetime.fromisoformat(op["at"])
+    if kind == "start":
+        con.execute("INSERT INTO runs (run_id, started_at, status, config_path, corpus) SELECT ?, ?, 'running', ?, ? "
+                    "WHERE NOT EXISTS (SELECT 1 FROM runs WHERE run_id = ?)",
+                    [run_id, at, op.get("config_path"), op.get("corpus"), run_id])
+    elif kind == "model":
+        _register_model(con, op["model"])
+        _map_legacy_model(con, op["model"], tables)
+    elif kind == "recover":  # staged under the run lock: every other run still 'running' is dead
+        con.execute("UPDATE runs SET status = 'interrupted', finished_at = coalesce(finished_at, ?) "
+                    "WHERE status = 'running' AND run_id <> ?", [at, run_id])
+    elif kind == "evaluations":
+        _record_evaluations(con, op["rows"])
+    elif kind == "finish":
+        stats, totals = op["head_stats"], {}
+        for k in ("inferred", "unchanged", "skipped_failed", "failed"):
+            totals[k] = sum(h.get(k, 0) for h in stats.values())
+        con.execute("UPDATE runs SET finished_at = ?, status = ?, docs_read = ?, docs_inferred = ?, docs_skipped = ?, "
+                    "docs_failed = ?, head_stats = ?, file_errors = ?, error = ? WHERE run_id = ?",
+                    [at, op["status"], op["docs_read"], totals["inferred"],
+                     totals["unchanged"] + totals["skipped_failed"], totals["failed"], json.dumps(stats),
+                     list(op["file_errors"]), op.get("error"), run_id])
+    else:
+        raise ValueError(f"unknown staged op {kind!r}")
+
+
+def _apply_ops(con, ops: list[tuple[str, dict | None]], tables: Sequence[ResultTable], log) -> int:
+    """Apply ops in one transaction, then delete their files (applying one twice changes nothing)."""
+    good = [(p, op) for p, op in ops if op is not None]
+    for p, op in ops:
+        if op is None:
+            log(f"staged write {p} is not readable JSON; dropped")
+    if good:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for _, op in good:
+                _apply_op(con, op, tables)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    for p, _ in ops:
+        Path(p).unlink(missing_ok=True)
+    return len(good)
+
+
+def _quarantine_package(con, path: str, reason: str, run_id: str | None, out: Loaded, log) -> None:
+    entry = f"{Path(path).name.removesuffix('.json')}: {reason}"
+    run = run_id or Path(path).parent.name
+    con.execute("UPDATE runs SET quarantined = CASE WHEN list_contains(coalesce(quarantined, []), $1) "
+                "THEN quarantined ELSE list_append(coalesce(quarantined, []), $1) END WHERE run_id = $2", [entry, run])
+    dest = quarantine(path, reason)
+    log(f"load package quarantined, never to be loaded: {entry} (moved to {dest})")
+    if run_id and Path(path).parent.name == run_id:
+        out.quarantined.append(entry)
+
+
+def _load_together(con, packages: Sequence[tuple[dict, dict]]) -> list[tuple[int, int] | None]:
+    """Packages in the caller's transaction: per head and table, consecutive packages with disjoint
+    documents in one set of statements (one scan of each table per set, not per package), a package
+    re-covering a document after them in the next set (oldest first: the latest rows win); each gets its
+    marker. Returns what `_load_package` returns for each, in order."""
+    out: list = [None] * len(packages)
+    todo = [(i, m, p) for i, (m, p) in enumerate(packages) if not _was_loaded(con, m)]
+    groups: dict[tuple[str, str], list] = {}
+    for i, m, p in todo:
+        groups.setdefault((m["table"], m["head"]), []).append((i, m, p))
+    for (table, head), members in groups.items():
+        run: list = []  # consecutive packages with disjoint documents, loaded with one set of statements
+        for member in members:
+            if run and not _disjoint([(m, p) for _, m, p in run + [member]]):
+                _replace_docs(con, table, head, [(m, p) for _, m, p in run])
+                run = []
+            run.append(member)
+        if run:
+            _replace_docs(con, table, head, [(m, p) for _, m, p in run])
+        for i, m, p in members:
+            out[i] = _mark_loaded(con, m, p)
+    return out
+
+
+def _load_batch(con, paths: Sequence[str], run_id: str | None, tables: Sequence[ResultTable], out: Loaded,
+                log) -> None:
+    """Several packages in one transaction, each as `load_shard` would (so exactly-once holds per package);
+    a package that can never load is quarantined and the others loaded without it."""
+    good = []
+    for path in paths:
+        try:
+            manifest, parts = read_manifest(path, tables)
+        except BadPackage as exc:
+            _quarantine_package(con, path, str(exc), run_id, out, log)
+            continue
+        good.append((path, manifest, parts))
+    if not good:
+        return
+    con.execute("BEGIN TRANSACTION")
+    try:
+        loaded = _load_together(con, [(manifest, parts) for _, manifest, parts in good])
+        con.execute("COMMIT")
+    except _UNLOADABLE as exc:
+        con.execute("ROLLBACK")
+        if len(good) > 1:  # find the one at fault: each alone
+            for path, _, _ in good:
+                _load_batch(con, [path], run_id, tables, out, log)
+            return
+        reason = f"does not load: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        _quarantine_package(con, good[0][0], reason, run_id, out, log)
+        return
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    for (path, manifest, _), got in zip(good, loaded):
+        if got:
+            checkpoint("loaded")
+            out.packages += 1
+            if run_id and Path(path).parent.name == run_id:
+                out.rows[manifest["head"]] = out.rows.get(manifest["head"], 0) + got[0]
+            else:
+                out.recovered_rows += got[0]
+        remove_shard(path)
+
+
+def load_staged(database: str, *, tables: Sequence[ResultTable], run_id: str | None = None,
+                staging: str | None = None, wait_seconds: float = 0.0, batch: int = 32,
+                log: Callable[[str], Any] | None = None) -> Loaded:
+    """Apply every write that waits in the database's staging folder, if the file can be had within
+    `wait_seconds` (retrying with backoff): ops staged before the packages, then the packages, `batch`
+    to a transaction, oldest first, then the finishing ops (a run's finish, its evaluations).
+
+    Never raises for a busy file: `Loaded.busy` says why nothing was written and `waiting` how many
+    packages wait. `run_id`: the calling run (its rows are counted per head; others' are recovered)."""
+    log = log or _log.error
+    out = Loaded()
+    ops = [(p, read_op(p)) for p in staged_ops(database, staging)]
+    manifests = staged_manifests(database, staging)
+    if not ops and not manifests:
+        return out
+    try:
+        con = connect(database, wait_seconds=wait_seconds)
+    except DatabaseBusy as exc:
+        out.busy, out.waiting = str(exc), len(manifests)
+        return out
+    evaluate = [(p, op) for p, op in ops if op is not None and op["kind"] == "evaluate"]
+    try:
+        _migrate_once(con, database, tables)
+        final = {p for p, op in ops if op is not None and op["kind"] in _FINAL_OPS}
+        out.ops += _apply_ops(con, [(p, op) for p, op in ops if p not in final], tables, log)
+        for i in range(0, len(manifests), max(1, batch)):
+            _load_batch(con, manifests[i:i + batch], run_id, tables, out, log)
+        out.ops += _apply_ops(con, [(p, op) for p, op in ops if p in final and op["kind"] != "evaluate"],
+                              tables, log)
+    finally:
+        con.close()
+    for p, op in evaluate:  # metrics read the results just loaded, read-only; then one short write
+        from .evaluate import evaluate_head
+
+        try:
+            rows = evaluate_head(database, op["files"], op["head"], op["task"], op["id_column"], op["gold_column"],
+                                 op["model_id"])
+        except ValueError as exc:
+            log(f"head {op['head']}: evaluation against gold dropped: {exc}")
+            Path(p).unlink(missing_ok=True)
+            continue
+        except (DatabaseBusy, duckdb.IOException):
+            break
+        rows = [{**r, "head": op["head"], "model_id": op["model_id"], "source": "corpus", "run_id": op["run_id"]}
+                for r in rows]
+        try:
+            con = connect(database, wait_seconds=0)
+        except DatabaseBusy:
+            break
+        try:
+            out.ops += _apply_ops(con, [(p, {**op, "kind": "evaluations", "rows": rows})], tables, log)
+        finally:
+            con.close()
+    clear_staging(database, keep_run=run_id, staging=staging)
+    out.waiting = len(staged_manifests(database, staging))
+    return out
+
+
+def wait_readable(database: str, wait_seconds: float) -> None:
+    """Return once the database can be read (at once, unless another process holds it read-write);
+    DatabaseLocked naming the holder after `wait_seconds`. Nothing for a database not made yet."""
+    if Path(database).exists():
+        connect(database, read_only=True, wait_seconds=wait_seconds).close()
+
+
+def pending_loads(database: str, staging: str | None = None) -> int:
+    """Load packages waiting in the database's staging folder."""
+    return len(staged_manifests(database, staging))
 
 
 def quarantined(database: str, run_id: str) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -209,18 +210,68 @@ def quarantine(manifest_path: str, reason: str) -> Path:
     return dest
 
 
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def staged_manifests(database: str, staging: str | None = None) -> list[str]:
-    """Complete load packages left by earlier runs (a crash between staging and loading)."""
+    """Complete load packages waiting to load (this run's, a run's that ended while the file was held, or a
+    crash's between staging and loading), oldest first: a document staged twice ends with its latest rows."""
     root = staging_root(database, staging)
-    return sorted(str(p) for p in root.glob("*/*.json") if p.parent.name != QUARANTINE) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("*/*.json") if p.parent.name != QUARANTINE]
+    return [str(p) for p in sorted(found, key=lambda p: (_mtime(p), str(p)))]
+
+
+# --- a run's other writes (its `runs` row, models, recovery, evaluations, the finish), staged too ---------
+OP_SUFFIX = ".op"
+
+
+def stage_op(directory: Path, kind: str, payload: dict) -> str:
+    """Write one of a run's database writes as `<time ns>.<kind>.op` (JSON) into its staging folder, atomically;
+    the loader applies ops in the order they were staged, in the first transaction that gets the file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{time.time_ns():020d}.{kind}{OP_SUFFIX}"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"kind": kind, **payload}, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+    return str(path)
+
+
+def staged_ops(database: str, staging: str | None = None) -> list[str]:
+    """Ops waiting for the database, in the order they were staged (across runs)."""
+    root = staging_root(database, staging)
+    if not root.is_dir():
+        return []
+    return sorted((str(p) for p in root.glob(f"*/*{OP_SUFFIX}") if p.parent.name != QUARANTINE),
+                  key=lambda p: Path(p).name)
+
+
+def read_op(path: str) -> dict | None:
+    """An op as staged, or None for one that is not readable JSON (written by nothing that finished)."""
+    try:
+        op = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return op if isinstance(op, dict) and isinstance(op.get("kind"), str) else None
+
+
+def _pending(folder: Path) -> bool:
+    return any(folder.glob("*.json")) or any(folder.glob(f"*{OP_SUFFIX}"))
 
 
 def clear_staging(database: str, keep_run: str | None = None, staging: str | None = None) -> None:
-    """Remove staging folders (partial files of dead runs) except the current run's and the quarantine."""
+    """Remove staging folders of ended runs (their partial files) except the current run's, the quarantine
+    and any folder still holding packages or ops that wait for the database."""
     import shutil
 
     root = staging_root(database, staging)
     if root.is_dir():
         for d in root.iterdir():
-            if d.name not in (keep_run, QUARANTINE):
+            if d.name not in (keep_run, QUARANTINE) and d.is_dir() and not _pending(d):
                 shutil.rmtree(d, ignore_errors=True)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 FORMATS = ("table", "csv", "json", "parquet")  # taskheads sql --format
+EX_TEMPFAIL = 75  # sysexits.h: temporary failure, try again later (another process holds the database)
 
 
 def quiet_prefect_console(verbose: bool = False) -> None:
@@ -48,6 +49,13 @@ def format_summary(s: dict) -> str:
         lines.append("")
         lines.append("failed documents: taskheads sql DB \"SELECT head, doc_id, kind, attempts, error FROM failed_docs "
                      f"WHERE run_id = '{s['run_id']}'\"")
+    if s.get("deferred"):
+        lines.append(f"heads {', '.join(s['deferred'])} deferred to the next run: the results they plan from could "
+                     "not be loaded while another process held the database")
+    if s.get("pending_packages"):
+        from flows.process_corpus import pending_line
+
+        lines.append(pending_line(s["pending_packages"], s.get("config")))
     for e in s["file_errors"]:
         lines.append(f"error: {e}")
     for q in s.get("quarantined", []):  # those of this run's units are among the errors already
@@ -184,14 +192,17 @@ def cmd_run(args: argparse.Namespace) -> int:
                 summary = flow(config_path=args.config, corpus=cfg.corpus, database=cfg.database, full=args.full,
                                retry_failed=args.retry_failed)
         except Exception as exc:
-            from core.errors import ModelLoadError
+            from core.errors import DatabaseLocked, ModelLoadError
 
+            if isinstance(exc, DatabaseLocked):  # temporary: nothing lost, a later run (or retry) does it all
+                print(f"taskheads: {_first_line(exc)}", file=sys.stderr)
+                return EX_TEMPFAIL
             if isinstance(exc, ModelLoadError):  # a model that cannot run is a config problem, refused before work
                 print(f"taskheads: config error: {_first_line(exc)}", file=sys.stderr)
                 return 2
             print(f"taskheads: run failed: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
             return 1
-    status = 1 if summary["file_errors"] or summary["status"] != "completed" else 0
+    status = 1 if summary["file_errors"] or summary["status"] not in ("completed", "completed_pending_load") else 0
     if args.json:
         import json
 
@@ -206,6 +217,38 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary["quarantined"] = [f"(not read: {type(exc).__name__}: {exc})"]
     print(format_summary(summary))
     return status
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    """Load the packages (and the other writes) runs staged while another process held the database."""
+    from core.errors import ConfigError, DatabaseBusy, SchemaTooNew
+    from heads.registry import result_tables
+    from pipeline.config import load_config
+    from storage import db
+
+    try:
+        cfg = load_config(args.config).with_overrides(database=args.db)
+    except (ConfigError, OSError) as exc:
+        print(f"taskheads: config error: {_first_line(exc)}", file=sys.stderr)
+        return 2
+    wait = cfg.load_wait if args.wait is None else args.wait
+    try:
+        with db.run_lock(cfg.database):
+            got = db.load_staged(cfg.database, tables=result_tables(), staging=cfg.staging, wait_seconds=wait,
+                                 log=lambda line: print(f"taskheads: {line}", file=sys.stderr))
+    except DatabaseBusy as exc:  # a run is writing (it loads them itself)
+        print(f"taskheads: {_first_line(exc)}", file=sys.stderr)
+        return EX_TEMPFAIL
+    except SchemaTooNew as exc:
+        print(f"taskheads: {_first_line(exc)}", file=sys.stderr)
+        return 1
+    if got.busy:
+        print(f"taskheads: {got.waiting} load package(s) still wait: {_first_line(Exception(got.busy))}",
+              file=sys.stderr)
+        return EX_TEMPFAIL
+    print(f"loaded {got.packages} package(s): {got.recovered_rows + sum(got.rows.values())} result rows, "
+          f"{got.ops} other write(s) -> {cfg.database}")
+    return 0
 
 
 def _plan_only(cfg, args: argparse.Namespace) -> int:
@@ -516,6 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=2, help="with --runner dask: local cluster worker processes")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
+    load = sub.add_parser("load", help="load what runs staged while another process held the database (the "
+                          "next run does it first too); exit 75 while the file stays held")
+    load.add_argument("config", help="pipeline config (TOML)")
+    load.add_argument("--db", help="override the config's database file")
+    load.add_argument("--wait", type=float, help="seconds to wait for the file (default: the config's load_wait)")
+    load.set_defaults(func=cmd_load)
     check = sub.add_parser("check", help="check a config as a run would before its first write (keys, model "
                            "folders, corpus, columns, where, database version), doing no work; exit 0 or 2")
     _config_args(check)

@@ -1,13 +1,12 @@
-"""Prefect tasks: each head's model identity (its lineage, from the files), the models a run needs
-loaded before it writes, and the lineage recorded in `models`."""
+"""Prefect tasks: each head's model identity (its lineage, from the files; tasks.load stages it for
+`models`) and the models a run needs loaded before it writes."""
 from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from heads.loading import cached_head, model_identity
-from heads.registry import head_class, result_tables
-from storage.db import map_legacy_model, register_model
+from heads.registry import head_class
 
 
 @task(name="identify-models", cache_policy=NO_CACHE)
@@ -28,11 +27,3 @@ def load_models(head_cfgs, max_resident_models: int = 0) -> None:
     writes: a head that cannot run (ModelLoadError, UntrainedHeadError) stops the run here."""
     for h in head_cfgs:
         cached_head(h, max_resident_models)
-
-
-@task(name="register-models", cache_policy=NO_CACHE)
-def register_models(database: str, identities: list[dict]) -> None:
-    """Record each identity; rows stored under a head's version-1 id get its current id (once)."""
-    for identity in identities:
-        register_model(database, identity)
-        map_legacy_model(database, identity, tables=result_tables())

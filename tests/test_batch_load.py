@@ -1,0 +1,105 @@
+"""Loads keep up: packages that queue load several to a transaction, exactly once, and give the tables
+loading them one at a time (`load_shard`, the reference) gives."""
+from __future__ import annotations
+
+import time
+
+import duckdb
+import pytest
+
+from heads.registry import result_tables, table
+from storage import db
+from storage.staging import stage_shard
+
+TABLES = result_tables()
+COMPARED = {"classifications": "* EXCLUDE (run_id)", "doc_state": "* EXCLUDE (updated_at)",
+            "failed_docs": "*", "loaded_shards": "shard_id, run_id, head, result_rows, failed_rows"}
+
+
+def _row(doc, label, run):
+    return {"head": "topic", "doc_id": doc, "label": label, "score": 0.5, "scores": {label: 0.5}, "n_chunks": 1,
+            "long_text": "chunk", "run_id": run, "model_id": "m"}
+
+
+def _failed(doc, run):
+    return {"head": "topic", "doc_id": doc, "source_file": "c.parquet", "source_row": int(doc), "stage": "forward",
+            "kind": "transient", "error": "boom", "run_id": run, "model_id": "m", "fingerprint": "fp-" + doc}
+
+
+def _packages(folder):
+    """Three runs' packages in the order they were staged: disjoint ones, then one re-covering documents
+    of the first (its rows must win), with a failure among them."""
+    specs = [("r1", "s1", {"1": "a", "2": "b"}, []), ("r1", "s2", {"3": "c"}, ["4"]),
+             ("r2", "s3", {"5": "e"}, []), ("r3", "s4", {"1": "z"}, ["2"])]
+    out = []
+    for run, shard, done, failed in specs:
+        d = folder / run
+        d.mkdir(parents=True, exist_ok=True)
+        covered = [{"doc_id": k, "fingerprint": "fp-" + k, "status": "done"} for k in done] + \
+                  [{"doc_id": k, "fingerprint": "fp-" + k, "status": "failed"} for k in failed]
+        out.append(stage_shard(d, shard, "topic", table("classifications"), "m",
+                               [_row(k, v, run) for k, v in done.items()], [_failed(k, run) for k in failed],
+                               covered, run))
+        time.sleep(0.01)  # staged in this order (the loader goes by the files' times)
+    return out
+
+
+def _tables(database):
+    con = duckdb.connect(database, read_only=True)
+    try:
+        return {t: con.execute(f"SELECT {c} FROM {t} ORDER BY ALL").fetchall() for t, c in COMPARED.items()}
+    finally:
+        con.close()
+
+
+def _failed_schema_columns():
+    from storage.schema import FAILED_SCHEMA
+
+    return FAILED_SCHEMA.names
+
+
+def test_queued_packages_load_together_as_one_at_a_time_would(tmp_path, monkeypatch):
+    assert set(_failed("4", "r")) <= set(_failed_schema_columns())
+    reference = str(tmp_path / "ref.duckdb")
+    db.ensure_schema(reference, tables=TABLES)
+    for m in _packages(tmp_path / "ref.duckdb.staging"):
+        db.load_shard(reference, m, tables=TABLES)
+    database = str(tmp_path / "r.duckdb")
+    db.ensure_schema(database, tables=TABLES)
+    _packages(tmp_path / "r.duckdb.staging")
+    replaced = []
+    real = db._replace_docs
+    monkeypatch.setattr(db, "_replace_docs", lambda con, t, h, packages: (replaced.append(len(packages)),
+                                                                          real(con, t, h, packages)))
+    got = db.load_staged(database, tables=TABLES)
+    assert replaced == [3, 1]  # s1-s3 together, then s4 (it re-covers a document of s1)
+    assert got.packages == 4 and got.waiting == 0 and got.busy is None
+    assert _tables(database) == _tables(reference)
+    rows = dict(duckdb.connect(database, read_only=True).execute("SELECT doc_id, label FROM classifications").fetchall())
+    assert rows == {"1": "z", "2": "b", "3": "c", "5": "e"}  # the latest package wins; a failure deletes nothing
+    # loaded once: staging the same packages again loads nothing
+    _packages(tmp_path / "r.duckdb.staging")
+    again = db.load_staged(database, tables=TABLES)
+    assert again.packages == 0 and _tables(database) == _tables(reference)
+
+
+def test_a_batch_is_one_transaction(tmp_path, monkeypatch):
+    database = str(tmp_path / "r.duckdb")
+    db.ensure_schema(database, tables=TABLES)
+    _packages(tmp_path / "r.duckdb.staging")
+    calls = []
+
+    def die_on_third(stage):
+        calls.append(stage)
+        if stage == "load" and calls.count("load") == 3:
+            raise KeyboardInterrupt("killed mid-batch")
+
+    monkeypatch.setattr(db, "checkpoint", die_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        db.load_staged(database, tables=TABLES)
+    con = duckdb.connect(database, read_only=True)
+    assert con.execute("SELECT count(*) FROM loaded_shards").fetchone() == (0,)  # all or nothing
+    assert con.execute("SELECT count(*) FROM classifications").fetchone() == (0,)
+    con.close()
+    monkeypatch.undo()
+    assert db.load_staged(database, tables=TABLES).packages == 4
