@@ -75,7 +75,8 @@ class WorkUnit:
     source_rows: tuple[int, ...] | None = None
 
     def source_row(self, row: int) -> int:
-        return self.source_rows[row] if self.source_rows is not None else row
+        """The corpus row of `row` (one of `rows`: a position in the staged input file, if staged)."""
+        return self.source_rows[self.rows.index(row)] if self.source_rows is not None else row
 
     @property
     def unit_id(self) -> str:

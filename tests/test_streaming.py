@@ -80,3 +80,12 @@ model = "{tiny_models['classification']}"
     most = max(watched["at_start"] + watched["at_load"]) - before
     assert most <= 2 * window + 2, (most, window)
     assert most < 60 / 3  # never the whole plan at once
+
+
+def test_a_staged_input_unit_names_the_corpus_rows_of_its_positions():
+    """Units of a head reading a translation point at positions in the staged input file (the second
+    unit's start past the first's length); reports name the corpus row each position came from."""
+    unit = WorkUnit(path="inputs/fr-abc.parquet", rows=(2000, 2001, 2002), fingerprints=("a", "b", "c"),
+                    source="news.parquet", source_rows=(4005, 4007, 4100))
+    assert [unit.source_row(r) for r in unit.rows] == [4005, 4007, 4100]
+    assert unit.unit_id == "news.parquet:4005+3"
