@@ -34,8 +34,9 @@ browser:
 	  $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
 	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; }
 
+# one pytest worker per core (pytest-xdist): many tests wait on Prefect servers and CLI subprocesses
 test: install browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
