@@ -26,8 +26,8 @@ def train_head(task: str, base_model: str, out_dir: str, train_path: str, eval_p
     options = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "progress": progress}
     if max_length is not None:
         options["max_length"] = max_length
-    if task == "ner" and (head_params or {}).get("aggregation"):
-        options["aggregation"] = head_params["aggregation"]  # held-out F1 decoded as corpus runs will decode
+    if task == "ner" and head_params:
+        options["decode_params"] = dict(head_params)  # held-out F1 decoded as corpus runs will decode
     metrics = train_head_task(task, base_model, out_dir, train, eval_rows, **options)
     log.info("trained %s head %r on %d rows: %s", task, head, len(train), metrics)
     if database:

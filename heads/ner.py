@@ -29,6 +29,7 @@ from .base import Doc, DocumentError, Feature, Head, HeadParams, ResultTable
 
 AGGREGATIONS = ("none", "simple", "first", "average", "max")
 WORD_AGGREGATIONS = ("first", "average", "max")
+WORD_RULES = ("pipeline", "whitespace")
 
 ENTITIES = ResultTable(
     "entities",
@@ -45,6 +46,12 @@ def _aggregation(value: str) -> str:
     return value  # as written: params are hashed into the model id; setup lower-cases it
 
 
+def _words(value: str) -> str:
+    if value not in WORD_RULES:
+        raise Unexpected(value)
+    return value
+
+
 class NerParams(HeadParams):
     aggregation: Annotated[str, AfterValidator(_aggregation), Expect("one of " + ", ".join(AGGREGATIONS))] = "simple"
     """none | simple | first | average | max (HF semantics; any case)"""
@@ -52,6 +59,14 @@ class NerParams(HeadParams):
     """token overlap between windows of a long document"""
     ignore_labels: list[str] = ["O"]
     """labels that never make an entity"""
+    words: Annotated[str, AfterValidator(_words), Expect("one of " + ", ".join(WORD_RULES))] = "pipeline"
+    """what a word is for first | average | max: the pipeline's rule (a WordPiece tokenizer makes
+    every punctuation mark a word: O'Neill is three) or whitespace (a run of tokens with no space
+    between them, less the punctuation at its ends and a possessive 's)"""
+    drop_punctuation: bool = False
+    """emit no entity without a letter or digit (a lone "-" or "&")"""
+    stop_words: list[str] = []
+    """emit no entity that is one of these words alone (case-insensitive: "of", "Mr")"""
 
 
 def tokenize_windows(tokenizer, text: str, window: int, stride: int) -> dict:
@@ -88,6 +103,12 @@ class NerHead(Head):
                              "use 'simple' or a fast tokenizer")
         stride = self.p["stride"]
         self.ignore_labels = list(self.p["ignore_labels"] or [])
+        self.words = self.p["words"]
+        if self.words != "pipeline" and self.aggregation not in WORD_AGGREGATIONS:
+            raise ValueError(f"words = {self.words!r} needs aggregation first, average or max "
+                             f"(not {self.aggregation!r}): none and simple label tokens, not words")
+        self.drop_punctuation = bool(self.p["drop_punctuation"])
+        self.stop_words = {w.lower() for w in self.p["stop_words"] or []}
 
         cfg = self.model.config
         self.id2label = {int(i): str(label) for i, label in cfg.id2label.items()}
@@ -123,7 +144,8 @@ class NerHead(Head):
         tokens = self.tokenizer.convert_ids_to_tokens([int(i) for i in seq["input_ids"]])
         return decode_entities(doc.text, seq["input_ids"], tokens, seq["logits"], seq["offsets"],
                                self.id2label, self.aggregation, self.ignore_labels,
-                               unk_id=self.unk_id, word_aware=self.word_aware)
+                               unk_id=self.unk_id, word_aware=self.word_aware, words=self.words,
+                               drop_punctuation=self.drop_punctuation, stop_words=self.stop_words)
 
 
 # --- windows ---------------------------------------------------------------------------------
@@ -259,6 +281,39 @@ def gather_pre_entities(text: str, input_ids: Sequence[int], tokens: Sequence[st
     return pre
 
 
+def whitespace_words(text: str, pre_entities: Sequence[dict]) -> list[dict]:
+    """The pre-entities with `is_subword` set so that a word is a run of tokens with no whitespace
+    between them, less the punctuation tokens at the run's ends and a possessive 's (or ’s).
+
+    Why: the pipeline's rule for WordPiece tokenizers makes every punctuation mark a word of its
+    own, so under first | average | max "O'Neill" is three words ("O", "'", "Neill") and
+    "£1,000" three ("£1", ",", "000"); a model that tags the apostrophe or the comma O cuts the
+    entity into fragments. Here the first token of "O'Neill" labels the whole word, as "##" pieces
+    do in the pipeline; "(BBC)" is still "(", "BBC", ")" and "Blair's" is "Blair", "'", "s".
+    """
+    out = [dict(p) for p in pre_entities]
+    runs: list[list[dict]] = []
+    for p in out:
+        p["is_subword"] = False
+        if runs and not any(ch.isspace() for ch in text[runs[-1][-1]["end"]:p["start"]]):
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    for run in runs:
+        core = [i for i, p in enumerate(run) if any(ch.isalnum() for ch in text[p["start"]:p["end"]])]
+        if not core:
+            continue
+        a, b = core[0], core[-1]
+        last = text[run[b]["start"]:run[b]["end"]].lower()
+        if b > a and last in ("'s", "\u2019s"):
+            b -= 1
+        elif b - a >= 2 and last == "s" and text[run[b - 1]["start"]:run[b - 1]["end"]] in ("'", "\u2019"):
+            b -= 2
+        for p in run[a + 1:b + 1]:
+            p["is_subword"] = True
+    return out
+
+
 def aggregate_word(entities: Sequence[dict], aggregation: str, id2label: Mapping[int, str]) -> dict:
     """Give one label to the tokens of one word (first | average | max)."""
     if aggregation == "first":
@@ -344,6 +399,13 @@ def aggregate(pre_entities: Sequence[dict], aggregation: str, id2label: Mapping[
     return group_entities(entities)
 
 
+def is_trivial(text: str, drop_punctuation: bool, stop_words) -> bool:
+    """An entity nobody would call one: no letter or digit (with drop_punctuation), or a stop word alone."""
+    if drop_punctuation and not any(ch.isalnum() for ch in text):
+        return True
+    return text.strip().lower() in stop_words
+
+
 def filter_ignored(entities: Sequence[dict], ignore_labels: Sequence[str]) -> list[dict]:
     """Drop entities whose "entity" (none) or "entity_group" (grouped) is an ignored label."""
     return [e for e in entities
@@ -353,17 +415,28 @@ def filter_ignored(entities: Sequence[dict], ignore_labels: Sequence[str]) -> li
 def decode_entities(text: str, input_ids: Sequence[int], tokens: Sequence[str], logits: np.ndarray,
                     offsets: Sequence[tuple[int, int]], id2label: Mapping[int, str], aggregation: str = "simple",
                     ignore_labels: Sequence[str] = ("O",), special_mask: Sequence[int] | None = None,
-                    unk_id: int | None = None, word_aware: bool = True) -> list[dict]:
+                    unk_id: int | None = None, word_aware: bool = True, words: str = "pipeline",
+                    drop_punctuation: bool = False, stop_words: Sequence[str] = ()) -> list[dict]:
     """Logits of one token sequence -> entity rows of the `entities` table.
 
-    Rows: entity_group, text (= text[start_char:end_char]), start_char, end_char, score.
+    Rows: entity_group, text (= text[start_char:end_char]), start_char, end_char, score. With the
+    defaults (words "pipeline", nothing dropped) these are the HF pipeline's entities.
     """
+    if words not in WORD_RULES:
+        raise ValueError(f"words must be one of {', '.join(WORD_RULES)}, not {words!r}")
     scores = token_scores(logits)
     pre = gather_pre_entities(text, input_ids, tokens, scores, offsets, special_mask, unk_id, word_aware)
+    if words == "whitespace":
+        if aggregation not in WORD_AGGREGATIONS:
+            raise ValueError(f"words = 'whitespace' needs aggregation first, average or max, not {aggregation!r}")
+        pre = whitespace_words(text, pre)
     entities = filter_ignored(aggregate(pre, aggregation, id2label), list(ignore_labels))
+    stop = {w.lower() for w in stop_words}
     rows = []
     for e in entities:
         start, end = int(e["start"]), int(e["end"])
+        if is_trivial(text[start:end], drop_punctuation, stop):
+            continue
         rows.append({"entity_group": e.get("entity_group", e.get("entity")), "text": text[start:end],
                      "start_char": start, "end_char": end, "score": float(e["score"])})
     return rows

