@@ -76,13 +76,13 @@ PLAN = r"""
 import json, sys, time
 from storage.corpus import corpus_files
 from storage.plan import PlanHead, open_plan, plan_work, PLAN_MEMORY_LIMIT
-corpus, mode, spill = sys.argv[1], sys.argv[2], sys.argv[3]
+corpus, mode, spill, limit = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 files = corpus_files(corpus)
 heads = [PlanHead("lang", None, (), "m-lang"), PlanHead("topic", "section = 'business'", (), "m-topic")]
 t0 = time.perf_counter()
 units = 0
 if mode == "stream":
-    with open_plan(None, files, heads, "id", "text", 2000, memory_limit=PLAN_MEMORY_LIMIT, temp_directory=spill) as p:
+    with open_plan(None, files, heads, "id", "text", 2000, memory_limit=limit or PLAN_MEMORY_LIMIT, temp_directory=spill) as p:
         for h in heads:
             for u in p.units(h.name):
                 units += 1
@@ -237,6 +237,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="100000,1000000")
     ap.add_argument("--work", default="/tmp/taskheads-scale")
+    ap.add_argument("--plan-memory-limit", default="", help="plan: DuckDB memory_limit of the planner "
+                    "(default storage.plan.PLAN_MEMORY_LIMIT)")
     ap.add_argument("--skip", default="", help="comma list of: plan,lists,load,rerun,loadinto")
     ap.add_argument("--load-rows", default="0,1000000,10000000", help="loadinto: rows already in the tables")
     args = ap.parse_args()
@@ -251,10 +253,10 @@ def main() -> None:
         if not corpus.exists():
             r["generate_s"] = generate(corpus, n)
         if "plan" not in skip:
-            out, rss = child(PLAN, str(corpus), "stream", str(folder / "spill"))
+            out, rss = child(PLAN, str(corpus), "stream", str(folder / "spill"), args.plan_memory_limit)
             r |= {"plan_s": out["seconds"], "plan_rss_mb": rss, "units": out["units"]}
         if "lists" not in skip:
-            out, rss = child(PLAN, str(corpus), "lists", str(folder / "spill"))
+            out, rss = child(PLAN, str(corpus), "lists", str(folder / "spill"), args.plan_memory_limit)
             r |= {"plan_lists_s": out["seconds"], "plan_lists_rss_mb": rss}
         if "load" not in skip:
             for p in folder.glob("load.duckdb*"):
