@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Mapping, Sequence, Union
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Sequence, Union
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError,
                       WithJsonSchema, field_validator)
@@ -67,6 +67,10 @@ def Number(ge: float | None = None, gt: float | None = None, le: float | None = 
 
 class HeadParams(Keys):
     """The base of a head's own keys (`params`): what they are is part of the head's model id."""
+
+    added_later: ClassVar[tuple[str, ...]] = ()
+    """keys added after model ids were in use, whose default reproduces what the head did before:
+    left out of the model id while at their default, so adding one re-infers nothing"""
 
 
 class HeadKeys(Keys):

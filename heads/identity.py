@@ -229,6 +229,16 @@ def head_params(cfg, folder: Path | None) -> dict[str, Any]:
     return {k: p[k] for k in sorted(p)}
 
 
+def id_params(task: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The params hashed into the model id: all of them, less the keys the head added later
+    (`HeadParams.added_later`) while they hold their default, which reproduces the old output."""
+    from .registry import head_class
+
+    cls = head_class(task)
+    later = cls.Params.added_later
+    return {k: v for k, v in params.items() if not (k in later and v == cls.params.get(k))}
+
+
 # --- the identity ---------------------------------------------------------------------------------
 
 def _digest(parts: list) -> str:
@@ -255,13 +265,14 @@ def file_identity(cfg, params: Mapping[str, Any] | None = None) -> dict:
         files = {p.relative_to(folder).as_posix(): h for p, h in hashes.items()}
     # the backend that will run (`auto` resolved from the config and the installed packages, as the
     # load resolves it): part of the id when not torch, since its results differ; torch ids never change
+    hashed = id_params(cfg.task, params)
     backend = resolve_backend(cfg.task, getattr(cfg, "backend", "torch"), cfg.dtype)
     on_backend = [] if backend == "torch" else [backend]
     model_id = _digest([f"taskheads-model/{IDENTITY_VERSION}", cfg.task, cfg.model, cfg.revision, resolved, files,
-                        params, cfg.dtype] + on_backend)
+                        hashed, cfg.dtype] + on_backend)
     # version 1 (before this module): weights only for local folders, from a loaded head; its resolved
     # revision was the config's `_commit_hash`, which transformers 5 (pinned) no longer sets: None
-    legacy_id = _digest([cfg.task, cfg.model, cfg.revision, None, weights, params, cfg.dtype] + on_backend)
+    legacy_id = _digest([cfg.task, cfg.model, cfg.revision, None, weights, hashed, cfg.dtype] + on_backend)
     if weights is None and files:  # a hub model: record a weights hash all the same (lineage)
         weights = hashlib.sha256(json.dumps({k: v for k, v in files.items() if k.endswith(".safetensors")},
                                             sort_keys=True).encode()).hexdigest()

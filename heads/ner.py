@@ -53,6 +53,8 @@ def _words(value: str) -> str:
 
 
 class NerParams(HeadParams):
+    added_later = ("words", "drop_punctuation", "stop_words")
+
     aggregation: Annotated[str, AfterValidator(_aggregation), Expect("one of " + ", ".join(AGGREGATIONS))] = "simple"
     """none | simple | first | average | max (HF semantics; any case)"""
     stride: Annotated[int, Field(ge=0)] = 128

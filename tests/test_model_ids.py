@@ -60,3 +60,19 @@ def test_model_id_of_an_unchanged_config_is_pinned(tmp_path, models, task, keys,
 
 def vars_of(h) -> dict:
     return {k: getattr(h, k) for k in ("name", "task", "model", "revision", "dtype", "params")}
+
+
+def test_a_key_added_later_changes_the_id_only_when_set(tmp_path, models):
+    """NER's `words`, `drop_punctuation` and `stop_words` came after ids were in use: at their
+    defaults they leave the id as it was (pinned above); set, they change it (other output)."""
+    def ids(keys):
+        raw = {"task": "ner", "model": models["ner"], **keys}
+        (h,) = parse_config({"corpus": "c.parquet", "database": "r.duckdb", "heads": {"h": raw}}, tmp_path).heads
+        return model_identity(h)["model_id"]
+
+    default = ids({})
+    assert ids({"words": "pipeline", "drop_punctuation": False, "stop_words": []}) == default
+    changed = [ids({"words": "whitespace", "aggregation": "first"}), ids({"drop_punctuation": True}),
+               ids({"stop_words": ["of"]})]
+    assert default not in changed and len(set(changed)) == 3
+    assert ids({"aggregation": "first", "words": "whitespace"}) != ids({"aggregation": "first"})
