@@ -125,7 +125,7 @@ def process_corpus(config_path: str | None = None, corpus: str | None = None, da
             # process: units on the thread runner reuse it), before the run writes anything
             preview = preview_corpus(cfg.corpus, cfg.database, [[plan_heads[h.name] for h in level] for level in levels],
                                      cfg.id_column, cfg.text_column, cfg.unit_docs, full, cfg.max_attempts,
-                                     retry_failed)
+                                     retry_failed, str(staging_dir(cfg.database, run_id, cfg.staging) / "plan-spill"))
             busy = _heads_with_work(levels, preview)
             load_models([h for h in cfg.heads if h.name in busy], cfg.max_resident_models)
         else:
@@ -137,7 +137,7 @@ def process_corpus(config_path: str | None = None, corpus: str | None = None, da
             loader.load(0)  # what earlier runs left (a crash, a held file) loads first
             s.recovered_rows = loader.recovered
             staging = staging_dir(cfg.database, run_id, cfg.staging)
-            changed = s.recovered_rows > 0
+            changed = loader.packages > 0  # other runs' packages changed doc_state since the preview
             window = cfg.max_units_in_flight or 2 * _workers()
             for depth, level in enumerate(levels):
                 if depth and not loader.load_all():  # this level plans from results still staged
@@ -147,10 +147,12 @@ def process_corpus(config_path: str | None = None, corpus: str | None = None, da
                     break
                 wait_readable(cfg.database, cfg.load_wait)
                 known = preview[depth] if depth < len(preview) else None
-                if known is not None and not changed and not any(p.n_units for p in known[2].values()):
-                    files, usable, plans, docs_read, errors = known  # nothing to do: the preview is the plan
-                    level_plan = None
+                if known is not None and not changed and (known[5] is not None or not any(p.n_units for p in known[2].values())):
+                    # the database is as the preview read it: its counts (nothing to do) or its open plan
+                    files, usable, plans, docs_read, errors, level_plan = known
                 else:
+                    if known is not None and known[5] is not None:
+                        known[5].close()  # recovered rows changed doc_state: plan again
                     files, usable, level_plan, errors = plan_corpus(
                         cfg.corpus, cfg.database, [plan_heads[h.name] for h in level], cfg.id_column,
                         cfg.text_column, cfg.unit_docs, full, str(staging / "inputs"), cfg.max_attempts,
@@ -182,6 +184,8 @@ def process_corpus(config_path: str | None = None, corpus: str | None = None, da
             s.status = ("completed_with_errors" if s.file_errors else
                         "completed_pending_load" if s.pending_packages or s.deferred else "completed")
         except BaseException as exc:
+            if preview and preview[0] is not None and preview[0][5] is not None:
+                preview[0][5].close()  # when the run failed before its first level
             s.status = "failed"
             stage_run_finish(cfg.database, run_id, "failed", s.docs_read, s.head_stats(), s.file_errors,
                              f"{type(exc).__name__}: {exc}", cfg.staging)
@@ -215,6 +219,7 @@ class _Loader:
     def __init__(self, cfg, s: RunSummary) -> None:
         self.cfg, self.s = cfg, s
         self.recovered = 0
+        self.packages = 0  # packages loaded, this run's and others'
         self.waiting = 0
         self.deadline: float | None = None
         self.units: list = []  # (head, unit) of this run's units whose packages may load now: in flight, just done
@@ -230,6 +235,7 @@ class _Loader:
         """Apply what waits, waiting up to `wait_seconds` for the file; True when nothing waits any more."""
         got = load_staged(self.cfg.database, self.s.run_id, self.cfg.staging, wait_seconds)
         self.recovered += got["recovered_rows"]
+        self.packages += got["packages"]
         for head, rows in got["rows"].items():
             if head in self.s.heads:
                 self.s.heads[head].rows += rows

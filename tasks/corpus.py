@@ -1,6 +1,7 @@
 """Prefect task over the corpus: check files and plan the incremental work per head."""
 from __future__ import annotations
 
+import duckdb
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -23,13 +24,24 @@ def plan_corpus(corpus: str, database: str, heads: list[PlanHead], id_column: st
 
 @task(name="preview-corpus", cache_policy=NO_CACHE)
 def preview_corpus(corpus: str, database: str, levels: list[list[PlanHead]], id_column: str, text_column: str,
-                   unit_docs: int, full: bool, max_attempts: int = 3, retry_failed: bool = False) -> list:
-    """Plan every level against the database as it is, reading only (counts, no units): per level
-    (files, usable files, plans per head, rows scanned, error lines), or None for a level whose
-    upstream results cannot be read yet (its heads are planned after their upstream loads) or that
-    cannot be planned before the run migrates the database: those heads load and plan as before."""
+                   unit_docs: int, full: bool, max_attempts: int = 3, retry_failed: bool = False,
+                   spill_dir: str | None = None) -> list:
+    """Plan every level against the database as it is, reading only: per level (files, usable files,
+    plans per head, rows scanned, error lines, the open LevelPlan of the first level else None), or
+    None for a level whose upstream results cannot be read yet (its heads are planned after their
+    upstream loads) or that cannot be planned before the run migrates the database: those heads
+    load and plan as before. The first level's plan stays open (close it): when nothing changes
+    the database before the level runs, it is the level's plan, so the corpus is not planned twice."""
     files = corpus_files(corpus)
     good, errors = check_files(files, [id_column, text_column])
-    levels_out = preview_levels(database, good, levels, id_column, text_column, unit_docs, full, max_attempts,
-                                retry_failed, tolerant=True)
-    return [None if known is None else (files, good, known[0], known[1], errors + known[2]) for known in levels_out]
+    out: list = []
+    try:
+        first = open_plan(database, good, levels[0], id_column, text_column, unit_docs, full, None, max_attempts,
+                          retry_failed, memory_limit=PLAN_MEMORY_LIMIT, temp_directory=spill_dir)
+        out.append((files, good, first.heads, first.rows_scanned, errors + first.errors, first))
+    except (RuntimeError, duckdb.Error):
+        out.append(None)
+    later = preview_levels(database, good, levels[1:], id_column, text_column, unit_docs, full, max_attempts,
+                           retry_failed, tolerant=True) if len(levels) > 1 else []
+    return out + [None if known is None else (files, good, known[0], known[1], errors + known[2], None)
+                  for known in later]

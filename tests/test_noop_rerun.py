@@ -126,3 +126,29 @@ def test_database_of_the_version_1_identity_is_not_re_inferred(tmp_path, tiny_mo
     # and a third run still has nothing to do
     third = process_corpus(config_path=cfg_path)
     assert third["heads"]["topic"]["inferred"] == 0 and third["heads"]["lang"]["inferred"] == 0
+
+
+def test_a_rerun_with_work_plans_the_corpus_once(tmp_path, tiny_models, prefect_harness, monkeypatch):
+    """The preview (what has work, which models to load) is the first level's plan when nothing
+    changes the database in between: a rerun with new documents scans the corpus once, not twice."""
+    import storage.plan
+    import tasks.corpus
+    from flows.process_corpus import process_corpus
+
+    cfg = _setup(tmp_path, tiny_models)
+    process_corpus(config_path=cfg)
+    rows = [{"id": i, "text": f"document number {i} about the budget", "lang": "en"} for i in range(20, 30)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "corpus" / "b.parquet")
+    plans: list[list[str]] = []
+    real = storage.plan.open_plan
+
+    def counting(database, files, heads, *args, **kwargs):
+        plans.append(sorted(h.name for h in heads))
+        return real(database, files, heads, *args, **kwargs)
+
+    monkeypatch.setattr(storage.plan, "open_plan", counting)
+    monkeypatch.setattr(tasks.corpus, "open_plan", counting)
+    again = process_corpus(config_path=cfg)
+    assert again["heads"]["topic"]["inferred"] == 10 and again["heads"]["lang"]["inferred"] == 10
+    assert plans == [["lang", "topic"]]
+    assert _fetch(str(tmp_path / "results.duckdb"), "SELECT count(*) FROM classifications")[0][0] == 30
