@@ -56,6 +56,10 @@ class Head:
     default_model: ClassVar[str | None] = None  # what `model` means when a model-free head leaves it out
     Params: ClassVar[type[HeadParams]] = HeadParams
     params: ClassVar[Mapping[str, Any]] = {}  # the defaults of Params (set for each subclass)
+    # a batch stops growing when padding passes 1 - this share of its tokens (engine.MIN_FILL for
+    # encoders, whose cost is the padded tokens); generation heads lower it: their cost is the decoding
+    # steps, per batch, so bigger batches pay them fewer times
+    batch_min_fill: ClassVar[float] = 0.95
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

@@ -178,6 +178,7 @@ class TranslationHead(Head):
     tables = (TRANSLATIONS,)
     model_class = AutoModelForSeq2SeqLM
     Params = TranslationParams
+    batch_min_fill = 0.0  # batches fill up to the token budget: each decoding step is paid per batch
 
     def setup(self) -> None:
         mnt, prefix = self.p["max_new_tokens"], self.p["prefix"]
