@@ -152,13 +152,13 @@ def process_corpus(config_path: str | None = None, corpus: str | None = None, da
                     files, usable, plans, docs_read, errors, level_plan = known
                 else:
                     if known is not None and known[5] is not None:
-                        known[5].close()  # recovered rows changed doc_state: plan again
+                        known[5].close()  # packages loaded since the preview changed doc_state: plan again
                     files, usable, level_plan, errors = plan_corpus(
                         cfg.corpus, cfg.database, [plan_heads[h.name] for h in level], cfg.id_column,
                         cfg.text_column, cfg.unit_docs, full, str(staging / "inputs"), cfg.max_attempts,
                         retry_failed, str(staging / "plan-spill"))
                     plans, docs_read = level_plan.heads, level_plan.rows_scanned
-                    changed = changed or any(p.n_units for p in plans.values())
+                changed = changed or any(p.n_units for p in plans.values())  # later levels' previews are stale
                 if depth == 0:
                     s.files, s.docs_read = len(files), docs_read
                 s.file_errors += [e for e in errors if e not in s.file_errors]

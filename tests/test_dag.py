@@ -278,3 +278,25 @@ def test_upstream_head_named_like_a_corpus_column_is_refused(tmp_path, tiny_mode
                               b={"task": "classification", "model": m, "where": "topic.label = 'x'"}), tmp_path)
     with pytest.raises(ConfigError, match="reads head 'topic', which is also the name of a corpus column"):
         preflight(cfg)
+
+
+def test_rerun_routes_new_documents_to_a_downstream_head(tmp_path, tiny_models, prefect_harness):
+    """A rerun over an existing database with new documents: the downstream head is planned from the
+    upstream results of this run (loaded first), not from what the database held before the run.
+    (Found by the demo: its QA head, routed by the topic head, routed 0 documents.)"""
+    first = [{"id": f"a{i}", "text": t} for i, t in enumerate(ENGLISH)]
+    _write(tmp_path, first)
+    topic = f'[heads.topic]\ntask = "classification"\nmodel = "{tiny_models["classification"]}"\n'
+    ner = (f'[heads.ner]\ntask = "ner"\nmodel = "{tiny_models["ner"]}"\n'
+           f"where = \"topic.score > 0\"\n")
+    (tmp_path / "dag.toml").write_text(f'corpus = "c.parquet"\ndatabase = "r.duckdb"\nunit_docs = 4\n{topic}{ner}')
+    once = _run(tmp_path / "dag.toml")
+    assert once["heads"]["ner"]["routed"] == len(first)
+    new = [{"id": f"b{i}", "text": t} for i, t in enumerate(GERMAN)]
+    _write(tmp_path, first + new)
+    again = _run(tmp_path / "dag.toml")
+    assert again["heads"]["topic"]["inferred"] == len(new)
+    assert again["heads"]["ner"]["routed"] == len(first) + len(new)
+    assert again["heads"]["ner"]["inferred"] == len(new)
+    stored = {d for (d,) in _rows(tmp_path / "r.duckdb", "SELECT doc_id FROM doc_state WHERE head = 'ner'")}
+    assert stored == {r["id"] for r in first + new}
