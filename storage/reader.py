@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import IO, Iterator, Sequence
+from typing import IO, Callable, Iterator, Sequence
 
 import duckdb
 import pyarrow as pa
@@ -44,11 +44,14 @@ def open_reader(database: str | os.PathLike, wait_seconds: float = 30.0) -> Iter
         con.close()
 
 
-def head_results(database: str | os.PathLike, head: str, wait_seconds: float = 30.0) -> pa.Table:
-    """The head's current rows (its `latest_<table>` view), ordered; LookupError for a head without results.
+def head_results(database: str | os.PathLike, head: str, wait_seconds: float = 30.0,
+                 table_of: Callable[[str, dict], str] | None = None) -> pa.Table:
+    """The head's current rows (its `latest_<table>` view), ordered; LookupError for a head that never ran.
 
     The table is the one holding rows of the head's latest model (the model of its most recently
-    updated `doc_state` row), so a head whose task changed reads its new table."""
+    updated `doc_state` row), so a head whose task changed reads its new table. A head that ran and
+    found nothing (no entity in any document) has no rows to tell its table: `table_of(task, params)`
+    of its model names it (the caller knows the heads; storage does not), and the result is empty."""
     with open_reader(database, wait_seconds) as con:
         # fetchall: DuckDB 2 refuses the next statement while a result is unfinished
         latest = con.execute("SELECT arg_max(model_id, updated_at) FROM doc_state WHERE head = ?", [head]).fetchall()[0][0]
@@ -59,6 +62,10 @@ def head_results(database: str | os.PathLike, head: str, wait_seconds: float = 3
                                                            [head, latest]).fetchall()), None)
             table = table or next((t for t in tables if con.execute(f"SELECT 1 FROM {t} WHERE head = ? LIMIT 1",
                                                                     [head]).fetchall()), None)
+            model = con.execute("SELECT task, params FROM models WHERE model_id = ?", [latest]).fetchall()
+            if table is None and table_of is not None and model:
+                named = table_of(model[0][0], json.loads(model[0][1] or "{}"))
+                table = named if named in tables else None
         if table is None:
             heads = [r[0] for r in con.execute("SELECT DISTINCT head FROM doc_state ORDER BY head").fetchall()]
             raise LookupError(f"no results for head {head!r} in {database} (heads with results: "

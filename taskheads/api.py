@@ -105,7 +105,9 @@ def connect(database: str | os.PathLike, wait_seconds: float = 30.0) -> Iterator
 def results(database: str | os.PathLike, head: str) -> "pa.Table":
     """The head's current rows (the `latest_<table>` view of its result table) as an Arrow table.
 
-    LookupError naming the heads there are when `head` has no results."""
+    Empty for a head that ran and found nothing; LookupError naming the heads there are when `head`
+    never ran."""
+    from heads.registry import head_class
     from storage.reader import head_results
 
-    return head_results(database, head)
+    return head_results(database, head, table_of=lambda task, params: head_class(task).table_for(params))

@@ -153,6 +153,19 @@ def test_results_of_an_unknown_head_names_the_heads_there_are(project):
         taskheads.results(project / "no-such.duckdb", "topic")
 
 
+def test_results_of_a_head_that_found_nothing_are_empty(project, tiny_models, monkeypatch):
+    """A NER head that ran over every document and found no entity (every label ignored): an empty
+    table with the entities columns, not a LookupError listing the head among the heads there are."""
+    monkeypatch.chdir(project)
+    cfg = config_dict(tiny_models, "empty.duckdb")
+    cfg["heads"]["people"]["ignore_labels"] = ["O", "PER", "ORG", "LOC"]  # entity groups, as in HF
+    summary = taskheads.run(cfg)
+    assert summary.heads["people"].done > 0 and summary.heads["people"].rows == 0
+    people = taskheads.results(project / "empty.duckdb", "people")
+    assert people.num_rows == 0
+    assert people.schema.names == taskheads.results(project / "cli.duckdb", "people").schema.names
+
+
 def _writer_can_open(db: Path) -> bool:
     """Whether another process can open the database for writing right now."""
     code = "import duckdb, sys; duckdb.connect(sys.argv[1]).close()"
