@@ -289,6 +289,24 @@ def preview_levels(database: str | None, files: Sequence[str], levels: Sequence[
     return out
 
 
+def preview_open(database: str | None, files: Sequence[str], levels: Sequence[Sequence[PlanHead]], id_column: str,
+                 text_column: str, unit_docs: int, full: bool = False, max_attempts: int = 3,
+                 retry_failed: bool = False, memory_limit: str | None = None, temp_directory: str | None = None
+                 ) -> list[tuple[dict[str, HeadPlan], int, list[str], LevelPlan | None] | None]:
+    """`preview_levels` (tolerant), with the first level's plan left open (the caller closes it): when
+    nothing changes the database before that level runs, it is the level's plan, so the corpus is
+    not planned twice. Per level (plans, rows scanned, error lines, open plan or None) or None."""
+    try:
+        first = open_plan(database, files, levels[0], id_column, text_column, unit_docs, full, None, max_attempts,
+                          retry_failed, memory_limit=memory_limit, temp_directory=temp_directory)
+        out: list = [(first.heads, first.rows_scanned, first.errors, first)]
+    except (RuntimeError, duckdb.Error):
+        out = [None]
+    later = preview_levels(database, files, levels[1:], id_column, text_column, unit_docs, full, max_attempts,
+                           retry_failed, tolerant=True) if len(levels) > 1 else []
+    return out + [None if known is None else (*known, None) for known in later]
+
+
 def plan_work(database: str | None, files: Sequence[str], heads: Sequence[PlanHead], id_column: str,
               text_column: str, unit_docs: int, full: bool = False, inputs_dir: str | None = None,
               max_attempts: int = 3, retry_failed: bool = False) -> tuple[dict[str, HeadPlan], int, list[str]]:

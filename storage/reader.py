@@ -62,9 +62,9 @@ def head_results(database: str | os.PathLike, head: str, wait_seconds: float = 3
                                                            [head, latest]).fetchall()), None)
             table = table or next((t for t in tables if con.execute(f"SELECT 1 FROM {t} WHERE head = ? LIMIT 1",
                                                                     [head]).fetchall()), None)
-            model = con.execute("SELECT task, params FROM models WHERE model_id = ?", [latest]).fetchall()
-            if table is None and table_of is not None and model:
-                named = table_of(model[0][0], json.loads(model[0][1] or "{}"))
+            if table is None and table_of is not None:
+                model = con.execute("SELECT task, params FROM models WHERE model_id = ?", [latest]).fetchall()
+                named = table_of(model[0][0], json.loads(model[0][1] or "{}")) if model else None
                 table = named if named in tables else None
         if table is None:
             heads = [r[0] for r in con.execute("SELECT DISTINCT head FROM doc_state ORDER BY head").fetchall()]

@@ -1,12 +1,11 @@
 """Prefect task over the corpus: check files and plan the incremental work per head."""
 from __future__ import annotations
 
-import duckdb
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage.corpus import check_files, corpus_files
-from storage.plan import PLAN_MEMORY_LIMIT, PlanHead, open_plan, preview_levels
+from storage.plan import PLAN_MEMORY_LIMIT, PlanHead, open_plan, preview_open
 
 
 @task(name="plan-corpus", cache_policy=NO_CACHE)
@@ -34,14 +33,7 @@ def preview_corpus(corpus: str, database: str, levels: list[list[PlanHead]], id_
     the database before the level runs, it is the level's plan, so the corpus is not planned twice."""
     files = corpus_files(corpus)
     good, errors = check_files(files, [id_column, text_column])
-    out: list = []
-    try:
-        first = open_plan(database, good, levels[0], id_column, text_column, unit_docs, full, None, max_attempts,
-                          retry_failed, memory_limit=PLAN_MEMORY_LIMIT, temp_directory=spill_dir)
-        out.append((files, good, first.heads, first.rows_scanned, errors + first.errors, first))
-    except (RuntimeError, duckdb.Error):
-        out.append(None)
-    later = preview_levels(database, good, levels[1:], id_column, text_column, unit_docs, full, max_attempts,
-                           retry_failed, tolerant=True) if len(levels) > 1 else []
-    return out + [None if known is None else (files, good, known[0], known[1], errors + known[2], None)
-                  for known in later]
+    levels_out = preview_open(database, good, levels, id_column, text_column, unit_docs, full, max_attempts,
+                              retry_failed, memory_limit=PLAN_MEMORY_LIMIT, temp_directory=spill_dir)
+    return [None if known is None else (files, good, known[0], known[1], errors + known[2], known[3])
+            for known in levels_out]
