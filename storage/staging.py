@@ -49,11 +49,21 @@ def staging_root(database: str, staging: str | None = None) -> Path:
     configured folder that every worker can reach (a shared filesystem when workers are machines),
     in a subfolder of its own per database: `<name>-<database id>`. The id (a UUID the database got
     when created) and not its path, because two hosts may have a database at the same path."""
+    from . import lake
+
+    if lake.is_lake(database):  # beside a SQLite catalog; a PostgreSQL catalog has no "beside"
+        file = lake.catalog_file(database)
+        if not staging and file is None:
+            raise lake.LakeError(f"{database}: a lake with a PostgreSQL catalog needs `staging` (a folder for "
+                                 "load packages, shared by every machine that runs units)")
+        if not staging:
+            return file.with_name(file.name + ".staging")
     if not staging:
         return Path(database).with_name(Path(database).name + ".staging")
     from .db import database_id  # db imports this module
 
-    return Path(staging) / f"{Path(database).name}-{database_id(database)}"
+    name = lake.local_name(database) if lake.is_lake(database) else Path(database).name
+    return Path(staging) / f"{name}-{database_id(database)}"
 
 
 def staging_dir(database: str, run_id: str, staging: str | None = None) -> Path:
@@ -265,13 +275,14 @@ def _pending(folder: Path) -> bool:
     return any(folder.glob("*.json")) or any(folder.glob(f"*{OP_SUFFIX}"))
 
 
-def clear_staging(database: str, keep_run: str | None = None, staging: str | None = None) -> None:
-    """Remove staging folders of ended runs (their partial files) except the current run's, the quarantine
-    and any folder still holding packages or ops that wait for the database."""
+def clear_staging(database: str, keep_run: str | None = None, staging: str | None = None,
+                  keep: set[str] | frozenset = frozenset()) -> None:
+    """Remove staging folders of ended runs (their partial files) except the current run's, the quarantine,
+    the folders of `keep` (live runs on a lake) and any folder still holding packages or ops that wait."""
     import shutil
 
     root = staging_root(database, staging)
     if root.is_dir():
         for d in root.iterdir():
-            if d.name not in (keep_run, QUARANTINE) and d.is_dir() and not _pending(d):
+            if d.name not in (keep_run, QUARANTINE) and d.name not in keep and d.is_dir() and not _pending(d):
                 shutil.rmtree(d, ignore_errors=True)
