@@ -111,6 +111,8 @@ class PipelineConfig(PipelineKeys):
         return levels
 
     def with_overrides(self, corpus: str | None = None, database: str | None = None) -> "PipelineConfig":
+        if database and database.startswith("ducklake:"):  # --db: a lake's SQLite catalog from the working directory
+            database = _resolve_database(database, Path.cwd())
         return self.model_copy(update={"corpus": corpus or self.corpus, "database": database or self.database})
 
 

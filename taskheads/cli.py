@@ -233,7 +233,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         return 2
     wait = cfg.load_wait if args.wait is None else args.wait
     try:
-        with db.run_lock(cfg.database):
+        with db.run_lock(cfg.database, f"load-{os.getpid()}", cfg.staging):
             got = db.load_staged(cfg.database, tables=result_tables(), staging=cfg.staging, wait_seconds=wait,
                                  log=lambda line: print(f"taskheads: {line}", file=sys.stderr))
     except DatabaseBusy as exc:  # a run is writing (it loads them itself)
