@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import re
 import sqlite3
+import time
 from pathlib import Path
 
 import duckdb
@@ -144,8 +146,19 @@ def attach(con: duckdb.DuckDBPyConnection, database: str, name: str = ALIAS, rea
         options.append("READ_ONLY")
     if snapshot is not None:
         options.append(f"SNAPSHOT_VERSION {int(snapshot)}")
-    con.execute(f"ATTACH {_literal(PREFIX + kind + ':' + target)} AS {name}"
-                + (f" ({', '.join(options)})" if options else ""))
+    sql = f"ATTACH {_literal(PREFIX + kind + ':' + target)} AS {name}" + (f" ({', '.join(options)})" if options else "")
+    delay, deadline = 0.05, time.monotonic() + 60
+    while True:
+        try:
+            con.execute(sql)
+            return
+        except duckdb.Error as exc:  # two processes making the catalog's tables at once: the loser retries
+            text = str(exc).lower()
+            transient = any(w in text for w in ("lock", "conflict", "already exists", "duplicate key", "unique"))
+            if not transient or time.monotonic() > deadline:
+                raise
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 1.0)
 
 
 def connect(database: str, read_only: bool = False, data_path: str | None = None,

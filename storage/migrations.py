@@ -177,7 +177,10 @@ def migrate(con: duckdb.DuckDBPyConnection, path: str, tables: Sequence[ResultTa
         create_views(con, tables)  # views follow the code, not the schema version
         con.execute("COMMIT")
     except BaseException as exc:
-        con.execute("ROLLBACK")
+        try:
+            con.execute("ROLLBACK")
+        except duckdb.Error:
+            pass  # a failed COMMIT (a lake's conflict) ended the transaction already
         if not isinstance(exc, Exception):
             raise
         detail = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"

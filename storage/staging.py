@@ -62,8 +62,14 @@ def staging_root(database: str, staging: str | None = None) -> Path:
         return Path(database).with_name(Path(database).name + ".staging")
     from .db import database_id  # db imports this module
 
-    name = lake.local_name(database) if lake.is_lake(database) else Path(database).name
-    return Path(staging) / f"{name}-{database_id(database)}"
+    if lake.is_lake(database):  # (a lake's id never changes: looked up once per process, not per package)
+        if database not in _LAKE_IDS:
+            _LAKE_IDS[database] = database_id(database)
+        return Path(staging) / f"{lake.local_name(database)}-{_LAKE_IDS[database]}"
+    return Path(staging) / f"{Path(database).name}-{database_id(database)}"
+
+
+_LAKE_IDS: dict[str, str] = {}
 
 
 def staging_dir(database: str, run_id: str, staging: str | None = None) -> Path:
