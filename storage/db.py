@@ -390,9 +390,7 @@ def record_evaluations(database: str, rows: Sequence[dict], *, tables: Sequence[
     ensure_schema(database, tables=tables)
     con = connect(database)
     try:
-        con.execute("BEGIN TRANSACTION")
-        _record_evaluations(con, rows)
-        con.execute("COMMIT")
+        _in_transaction(con, database, lambda: _record_evaluations(con, rows))
     finally:
         con.close()
 
