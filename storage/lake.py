@@ -118,7 +118,7 @@ def _new_sqlite_catalog(file: Path) -> None:
     """Create the SQLite catalog in WAL mode: readers then never block a committing writer (in SQLite's
     default journal mode an open read transaction holds every commit back)."""
     file.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(file)
+    con = sqlite3.connect(file, timeout=60)  # two runs making it at once: the second waits, then finds WAL set
     try:
         con.execute("PRAGMA journal_mode=WAL")
     finally:

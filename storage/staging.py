@@ -281,14 +281,34 @@ def _pending(folder: Path) -> bool:
     return any(folder.glob("*.json")) or any(folder.glob(f"*{OP_SUFFIX}"))
 
 
+def held(path: Path) -> bool:
+    """Whether another open file holds an flock on `path` (a live run's `.alive` file on a lake)."""
+    import fcntl
+
+    try:
+        handle = open(path, "r")
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
 def clear_staging(database: str, keep_run: str | None = None, staging: str | None = None,
                   keep: set[str] | frozenset = frozenset()) -> None:
     """Remove staging folders of ended runs (their partial files) except the current run's, the quarantine,
-    the folders of `keep` (live runs on a lake) and any folder still holding packages or ops that wait."""
+    the folders of `keep` and of runs alive right now (a lake: `<run>.alive` locked, checked per folder just
+    before removing it, as a run takes that lock before it makes its folder) and any folder still holding
+    packages or ops that wait."""
     import shutil
 
     root = staging_root(database, staging)
     if root.is_dir():
         for d in root.iterdir():
-            if d.name not in (keep_run, QUARANTINE) and d.name not in keep and d.is_dir() and not _pending(d):
+            if d.name not in (keep_run, QUARANTINE) and d.name not in keep and d.is_dir() and not _pending(d) \
+                    and not held(root / f"{d.name}.alive"):
                 shutil.rmtree(d, ignore_errors=True)
