@@ -22,14 +22,17 @@ from pathlib import Path
 
 import duckdb
 
+from core.errors import ConfigError
+
 PREFIX = "ducklake:"
 ALIAS = "lake"  # the name the lake is attached as (then USE lake: queries name tables as in a file)
 CATALOGS = ("sqlite", "postgres")
 CLAIMS = "taskheads_claims"
 
 
-class LakeError(ValueError):
-    """A lake that cannot be used as configured (unknown catalog, missing data_path, extension missing)."""
+class LakeError(ConfigError):
+    """A lake that cannot be used as configured (unknown catalog, missing staging, extension missing): one
+    line, reported as a config error (exit 2) before any work."""
 
 
 def is_lake(database: str | os.PathLike | None) -> bool:
