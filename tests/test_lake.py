@@ -284,3 +284,28 @@ def test_sql_at_run_and_compact(setup, capsys):
     assert snapshot(lake) == before
     assert main(["sql", lake, count, "--format", "json", "--at-run", run1]) == 0  # kept: younger than 7 days
     assert json.loads(capsys.readouterr().out) == [{"n": 19}]
+
+
+def test_without_the_extension_wheels_a_lake_is_one_line_naming_the_extra(tmp_path):
+    code = ("import sys\nsys.modules['duckdb_extensions'] = None  # the lake extra not installed\n"
+            "from storage import lake\ntry:\n    lake.connect(sys.argv[1])\nexcept lake.LakeError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code, f"ducklake:sqlite:{tmp_path / 'x.sqlite'}"], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})  # no extensions in ~/.duckdb
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1 and "taskheads[lake]" in lines[0] and "INSTALL ducklake" in lines[0], (out.stdout, out.stderr)
+
+
+def test_lake_config_errors_are_one_line(tmp_path, tiny_models):
+    from core.errors import ConfigError
+    from pipeline.config import parse_config
+
+    heads = {"topic": {"task": "classification", "model": tiny_models["classification"]}}
+    cfg = parse_config({"corpus": "c", "database": "ducklake:sqlite:r.sqlite", "heads": heads}, tmp_path)
+    assert cfg.database == f"ducklake:sqlite:{tmp_path / 'r.sqlite'}"  # relative to the config's folder
+    with pytest.raises(ConfigError, match=r"^database: .*ducklake:sqlite:FILE or ducklake:postgres:CONNECTION"):
+        parse_config({"corpus": "c", "database": "ducklake:mysql:x", "heads": heads}, tmp_path)
+    with pytest.raises(ConfigError, match=r"^data_path: a DuckLake with a PostgreSQL catalog needs data_path"):
+        parse_config({"corpus": "c", "database": "ducklake:postgres:dbname=r", "heads": heads}, tmp_path)
+    with pytest.raises(ConfigError, match=r"^staging: "):
+        parse_config({"corpus": "c", "database": "ducklake:postgres:dbname=r", "data_path": "d", "heads": heads},
+                     tmp_path)
