@@ -43,7 +43,9 @@ def v1_model_identity(cfg, head) -> dict:
     if head.model is not None and Path(cfg.model).is_dir():
         folder = Path(cfg.model)
         weights = _sha256_files(list(folder.glob("*.safetensors")) + [folder / "config.json"])
-    params = {k: head.p[k] for k in sorted(head.p)}
+    # the params version 1's heads had: NER's word rules came later (at their defaults, the old output)
+    later = {"words": "pipeline", "drop_punctuation": False, "stop_words": []} if cfg.task == "ner" else {}
+    params = {k: head.p[k] for k in sorted(head.p) if not (k in later and head.p[k] == later[k])}
     fingerprint = json.dumps([cfg.task, cfg.model, cfg.revision, resolved, weights, params, cfg.dtype],
                              sort_keys=True, default=str)
     return {"model_id": hashlib.sha256(fingerprint.encode()).hexdigest()[:16], "weights_sha256": weights}
