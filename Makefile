@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install browser demo test clean
+.PHONY: install browser postgres demo test clean
 
 PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 
@@ -34,8 +34,16 @@ browser:
 	  $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
 	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; }
 
+# the DuckLake tests start a private PostgreSQL server (Debian's package) as a lake catalog
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing Debian postgresql for the DuckLake catalog tests"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); export DEBIAN_FRONTEND=noninteractive; \
+	  $$SUDO apt-get install -y -q postgresql >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q postgresql >/dev/null; }; }
+
 # one pytest worker per core (pytest-xdist): many tests wait on Prefect servers and CLI subprocesses
-test: install browser
+test: install browser postgres
 	$(PY) -m pytest -q -n auto
 
 clean:

@@ -118,9 +118,14 @@ class PipelineKeys(Keys):
     corpus: str
     """file, folder or glob of Parquet files"""
     database: str
-    """DuckDB file the results go to"""
+    """DuckDB file the results go to, or a DuckLake: `ducklake:sqlite:FILE` (processes on one machine) or
+    `ducklake:postgres:dbname=... host=...` (many machines), which many processes read and write at once"""
+    data_path: str | None = None
+    """a DuckLake's folder for its Parquet data files, used when the lake is created (default beside a SQLite
+    catalog: `<catalog>.files/`; required with a PostgreSQL catalog, on storage every worker reaches)"""
     staging: str | None = None
-    """folder for load packages (default: beside the database); on a shared filesystem for remote workers"""
+    """folder for load packages (default: beside the database); on a shared filesystem for remote workers
+    (required with a PostgreSQL-catalog DuckLake)"""
     id_column: str = "id"
     """corpus column holding the document id"""
     text_column: str = "text"

@@ -3,8 +3,11 @@
 TASKHEADS_KILL_AT="point:n" (e.g. "staged:2"): the n-th time the run reaches `point` the process gets
 SIGKILL, like a power cut: no cleanup, no exception handlers. With TASKHEADS_KILL_ONCE=PATH only the
 first process to get there dies (it creates PATH): a lost Dask worker whose unit runs again elsewhere. Points: infer (results computed,
-nothing staged), staged (package on disk, not loaded), load (inside the load transaction, before
-COMMIT), loaded (committed, package not yet removed).
+nothing staged), staged (package on disk, not loaded), claimed (a lake load: its claim updated inside the
+load transaction, nothing else written yet), load (inside the load transaction, before COMMIT), loaded
+(committed, package not yet removed).
+
+TASKHEADS_PAUSE_AT="point:seconds": sleep there instead (two loaders of one package overlapping).
 
 TASKHEADS_FAIL_DOCS="head:id1,id2[:kind]" (`*` for every document; several specs separated by `;`):
 a batch of that head holding one of those documents fails in forward. kind `transient` (default)
@@ -24,6 +27,11 @@ _seen: Counter = Counter()
 
 
 def checkpoint(point: str) -> None:
+    pause = os.environ.get("TASKHEADS_PAUSE_AT")
+    if pause and pause.partition(":")[0] == point:
+        import time
+
+        time.sleep(float(pause.partition(":")[2] or 1))
     spec = os.environ.get("TASKHEADS_KILL_AT")
     if not spec:
         return

@@ -18,7 +18,8 @@ from core.errors import ConfigError
 from core.progress import emit
 from pipeline.config import load_config, parse_config
 from pipeline.preflight import preflight
-from storage.db import run_lock
+from storage.db import exists as db_exists, run_lock
+from storage.lake import is_lake
 from storage.plan import PlanHead
 from storage.staging import staging_dir
 from tasks.corpus import plan_corpus, preview_corpus
@@ -117,10 +118,12 @@ def process_corpus(config_path: str | None = None, corpus: str | None = None, da
     preview: list = []
     # planning reads beside analysts' read-only connections; a read-write holder keeps it out (exit 75)
     wait_readable(cfg.database, cfg.load_wait)
-    if not Path(cfg.database).exists():  # a first run: every head has work; load them before any write
+    if not db_exists(cfg.database):  # a first run: every head has work; load them before any write
         load_models(list(cfg.heads), cfg.max_resident_models)
-    with run_lock(cfg.database):
-        if Path(cfg.database).exists():
+        if is_lake(cfg.database):  # made before the run's .alive lock, which may live in a folder named by its id
+            create_database(cfg.database, cfg.data_path)
+    with run_lock(cfg.database, run_id, cfg.staging):
+        if db_exists(cfg.database):
             # what each head has to do, read-only; only heads with work load their model (here, once per
             # process: units on the thread runner reuse it), before the run writes anything
             preview = preview_corpus(cfg.corpus, cfg.database, [[plan_heads[h.name] for h in level] for level in levels],
@@ -129,7 +132,7 @@ def process_corpus(config_path: str | None = None, corpus: str | None = None, da
             busy = _heads_with_work(levels, preview)
             load_models([h for h in cfg.heads if h.name in busy], cfg.max_resident_models)
         else:
-            create_database(cfg.database)  # a new file no other process can hold yet
+            create_database(cfg.database, cfg.data_path)  # a new file no other process can hold yet
         # every write of the run is staged and applied by the loader when it gets the file
         stage_run_start(cfg.database, run_id, cfg.source, cfg.corpus, identities, cfg.staging)
         loader = _Loader(cfg, s)
@@ -328,7 +331,7 @@ def _run_level(cfg, level, plans, level_plan, s: RunSummary, staging: str, windo
         numbers[h.name] += 1  # task runs read `infer-<head>-<n>` in the UI
         future = infer_unit.with_options(task_run_name=f"infer-{h.name}-{numbers[h.name]}").submit(
             unit, h, cfg.id_column, cfg.text_column, s.run_id, s.heads[h.name].model_id, staging,
-            cfg.max_resident_models)
+            cfg.max_resident_models, cfg.database if is_lake(cfg.database) else None)
         pending[future] = (h, unit)
     while pending:
         _finish_one(cfg, pending, progress, s, t0, loader)
@@ -352,6 +355,7 @@ def _finish_one(cfg, pending: dict, progress: dict, s: RunSummary, t0: float, lo
     finally:
         hs.seconds = time.perf_counter() - t0  # the head's share of the level: until its last unit
     hs.inferred += out.inferred
+    hs.rows += out.loaded_rows or 0  # committed by the unit's own task (a lake)
     hs.done += out.done
     hs.failed += out.failed
     hs.model_failed += out.model_failed

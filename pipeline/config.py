@@ -111,6 +111,8 @@ class PipelineConfig(PipelineKeys):
         return levels
 
     def with_overrides(self, corpus: str | None = None, database: str | None = None) -> "PipelineConfig":
+        if database and database.startswith("ducklake:"):  # --db: a lake's SQLite catalog from the working directory
+            database = _resolve_database(database, Path.cwd())
         return self.model_copy(update={"corpus": corpus or self.corpus, "database": database or self.database})
 
 
@@ -186,6 +188,19 @@ def _resolve_path(value: str, base: Path) -> str:
     return str(p if p.is_absolute() else (base / p))
 
 
+def _resolve_database(value: str, base: Path) -> str:
+    """A DuckDB file's path, or a DuckLake (`ducklake:sqlite:FILE` with FILE resolved, `ducklake:postgres:...`)."""
+    from storage.lake import LakeError, is_lake, parse, resolve
+
+    if not is_lake(value):
+        return _resolve_path(value, base)
+    try:
+        parse(value)
+    except LakeError as exc:
+        raise ConfigError(f"database: {exc}") from None
+    return resolve(value, base)
+
+
 def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or os.sep + os.sep in model or model.count("/") > 1
 
@@ -242,8 +257,16 @@ def parse_config(raw: Mapping[str, Any], base: Path, source: str | None = None) 
     if not heads_raw or not isinstance(heads_raw, dict):
         raise ConfigError("heads: no heads configured (add a [heads.NAME] table with task and model)")
     heads = tuple(parse_head(name, h, base) for name, h in heads_raw.items())
-    paths = {"corpus": _resolve_path(keys.corpus, base), "database": _resolve_path(keys.database, base),
-             "staging": _resolve_path(keys.staging, base) if keys.staging else None}
+    paths = {"corpus": _resolve_path(keys.corpus, base), "database": _resolve_database(keys.database, base),
+             "staging": _resolve_path(keys.staging, base) if keys.staging else None,
+             "data_path": _resolve_path(keys.data_path, base) if keys.data_path and "://" not in keys.data_path
+             else keys.data_path}
+    if paths["database"].startswith("ducklake:postgres:"):
+        for key in ("data_path", "staging"):
+            if not paths[key]:
+                raise ConfigError(f"{key}: a DuckLake with a PostgreSQL catalog needs {key} (a folder every "
+                                  "machine that runs units reaches: " + ("its Parquet data files)" if key == "data_path"
+                                                                         else "load packages)"))
     cfg = PipelineConfig(**{**dict(keys), **paths}, heads=heads, source=source)
     _check_dependencies(cfg)
     return cfg

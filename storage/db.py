@@ -9,6 +9,8 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
+import random
 import re
 import time
 from contextlib import contextmanager
@@ -24,7 +26,7 @@ from core.errors import DatabaseBusy, DatabaseLocked, SchemaTooNew
 from core.faults import checkpoint
 from core.tables import ResultTable
 
-from . import migrations
+from . import lake, migrations
 from .schema import META_TABLE
 from .migrations import MigrationError  # noqa: F401  (raised from here)
 from .staging import (BadPackage, clear_staging, quarantine, read_manifest, read_op, remove_shard, stage_op,
@@ -47,11 +49,26 @@ def _holder(exc: BaseException) -> str:
     return f"{Path(m[1]).name}, PID {m[2]}" if m else "a process DuckDB does not name"
 
 
-def connect(path: str, read_only: bool = False, wait_seconds: float = 30.0) -> duckdb.DuckDBPyConnection:
-    """Open the database, waiting with backoff while another process holds its lock.
+def exists(database: str) -> bool:
+    """Whether the results database has been made (a file, or a lake's catalog)."""
+    return lake.exists(database) if lake.is_lake(database) else Path(database).exists()
+
+
+def connect(path: str, read_only: bool = False, wait_seconds: float = 30.0,
+            data_path: str | None = None) -> duckdb.DuckDBPyConnection:
+    """Open the database, waiting with backoff while another process holds its lock (a `.duckdb`
+    file; a lake has no such lock: storage.lake). `data_path`: a new lake's Parquet folder.
 
     A database newer than this code (schema version or DuckDB storage format) raises SchemaTooNew.
     """
+    if lake.is_lake(path):
+        con = lake.connect(path, read_only=read_only, data_path=data_path)
+        try:
+            migrations.refuse_newer(con, path)
+        except BaseException:
+            con.close()
+            raise
+        return con
     config = {}
     if not read_only:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -88,20 +105,61 @@ def connect(path: str, read_only: bool = False, wait_seconds: float = 30.0) -> d
     return con
 
 
-def ensure_schema(database: str, *, tables: Sequence[ResultTable]) -> None:
+def ensure_schema(database: str, *, tables: Sequence[ResultTable], data_path: str | None = None) -> None:
     """Create the schema, or migrate an older database to this code's version in one transaction; the
-    result tables are the heads' declarations (heads.registry.result_tables())."""
-    con = connect(database)
+    result tables are the heads' declarations (heads.registry.result_tables()). `data_path`: where a
+    new lake keeps its Parquet files."""
+    con = connect(database, data_path=data_path)
     try:
-        migrations.migrate(con, database, tables)
+        _migrate(con, database, tables)
     finally:
         con.close()
+
+
+def _migrate(con, database: str, tables: Sequence[ResultTable]) -> None:
+    """migrations.migrate; on a lake, retried while another process commits the same DDL (a conflict)."""
+    delay, deadline = 0.05, time.monotonic() + LAKE_RETRY_SECONDS
+    while True:
+        try:
+            migrations.migrate(con, database, tables)
+            return
+        except MigrationError as exc:
+            if not (lake.is_lake(database) and lake.is_conflict(exc.__cause__ or exc)) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 2.0)
+
+
+# a lake commit that lost to another writer is retried this long (optimistic concurrency: every commit
+# that deletes from a table another commit deleted from since this transaction began conflicts)
+LAKE_RETRY_SECONDS = 300.0
+
+
+def _in_transaction(con, database: str, body: Callable[[], Any]) -> Any:
+    """body() in one transaction; on a lake, run again from the start while the commit conflicts with
+    another writer's (each attempt sees the snapshot committed before it)."""
+    delay, deadline = 0.02, time.monotonic() + LAKE_RETRY_SECONDS
+    while True:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            result = body()
+            con.execute("COMMIT")
+            return result
+        except BaseException as exc:
+            try:
+                con.execute("ROLLBACK")
+            except duckdb.Error:
+                pass  # a failed COMMIT ended the transaction already
+            if not (lake.is_lake(database) and lake.is_conflict(exc)) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 1.0)
 
 
 def check_database(database: str) -> None:
     """Raise SchemaTooNew for a database this code must not touch; nothing for a missing one, or one
     busy right now (the run checks again when it opens it)."""
-    if not Path(database).exists():
+    if not exists(database):
         return
     try:
         connect(database, read_only=True, wait_seconds=0).close()
@@ -111,7 +169,7 @@ def check_database(database: str) -> None:
 
 def database_id(database: str) -> str:
     """The UUID the database got when it was created (or migrated to a versioned schema)."""
-    if not Path(database).exists():
+    if not exists(database):
         raise FileNotFoundError(f"{database}: no such database (its id names its staging folder)")
     con = connect(database, read_only=True)  # beside analysts' read-only connections
     try:
@@ -149,8 +207,15 @@ def finish_run(database: str, run_id: str, status: str, docs_read: int, head_sta
 
 
 @contextmanager
-def run_lock(database: str):
-    """One writing run per database at a time; the OS drops the lock if the process dies."""
+def run_lock(database: str, run_id: str | None = None, staging: str | None = None):
+    """One writing run per database file at a time; the OS drops the lock if the process dies.
+
+    On a lake many runs write at once: the run instead holds `<staging root>/<run_id>.alive` locked
+    for its lifetime, so recovery touches only the packages and `runs` rows of dead runs."""
+    if lake.is_lake(database):
+        with _alive(database, run_id or "local", staging):
+            yield
+        return
     path = Path(database).with_name(Path(database).name + ".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
@@ -162,6 +227,55 @@ def run_lock(database: str):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+ALIVE = ".alive"
+
+
+@contextmanager
+def _alive(database: str, run_id: str, staging: str | None):
+    """Hold `<staging root>/<run_id>.alive` locked (flock: released by the OS when the process dies)."""
+    from .staging import staging_root
+
+    root = staging_root(database, staging)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{run_id}{ALIVE}"
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise DatabaseBusy(f"{database}: run {run_id} is already running") from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+            break  # not the file of a dead run that a recovery removed meanwhile
+        handle.close()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        handle.close()
+
+
+def live_runs(database: str, staging: str | None = None) -> set[str]:
+    """Runs on this lake whose process still lives (holds its .alive lock); a dead run's file is removed."""
+    from .staging import staging_root
+
+    root = staging_root(database, staging)
+    live = set()
+    for path in (root.glob(f"*{ALIVE}") if root.is_dir() else ()):
+        try:
+            handle = open(path, "a+")
+        except OSError:
+            continue
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                live.add(path.name.removesuffix(ALIVE))
+                continue
+            path.unlink(missing_ok=True)  # dead: under its lock, so no run is taking it now
+    return live
 
 
 def recover(database: str, run_id: str, staging: str | None = None, log: Callable[[str], Any] | None = None, *,
@@ -196,16 +310,17 @@ def register_model(database: str, model: dict[str, Any]) -> None:
 def _register_model(con, model: dict[str, Any]) -> None:
     con.execute(
         "INSERT INTO models (model_id, head, task, source, revision, resolved_revision, weights_sha256, params, "
-        "dtype, registered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model_id) DO NOTHING",
+        "dtype, registered_at) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ? "
+        "WHERE NOT EXISTS (SELECT 1 FROM models WHERE model_id = ?)",  # (a lake has no keys: no ON CONFLICT)
         [model["model_id"], model["head"], model["task"], model["source"], model.get("revision"),
          model.get("resolved_revision"), model.get("weights_sha256"), json.dumps(model.get("params", {})),
-         model.get("dtype"), _now()])
+         model.get("dtype"), _now(), model["model_id"]])
 
 
 def last_throughput(database: str) -> dict[str, float]:
     """Documents per second each head inferred in the most recent run where it inferred any (from
     runs.head_stats: inferred / seconds), read-only; {} without a database."""
-    if not Path(database).exists():
+    if not exists(database):
         return {}
     con = connect(database, read_only=True)
     try:
@@ -265,7 +380,8 @@ def _map_legacy_model(con, model: dict[str, Any], tables: Sequence[ResultTable])
     for table in ["doc_state", "failed_docs", "evaluations", *sorted({t.name for t in tables})]:
         if table in present:
             con.execute(f"UPDATE {table} SET model_id = ? WHERE head = ? AND model_id = ?", [new, head, legacy])
-    con.execute(f"INSERT OR REPLACE INTO {META_TABLE} (key, value) VALUES (?, ?)", [key, new])
+    con.execute(f"DELETE FROM {META_TABLE} WHERE key = ?", [key])  # (a lake has no keys: no INSERT OR REPLACE)
+    con.execute(f"INSERT INTO {META_TABLE} (key, value) VALUES (?, ?)", [key, new])
     return mapped
 
 
@@ -274,9 +390,7 @@ def record_evaluations(database: str, rows: Sequence[dict], *, tables: Sequence[
     ensure_schema(database, tables=tables)
     con = connect(database)
     try:
-        con.execute("BEGIN TRANSACTION")
-        _record_evaluations(con, rows)
-        con.execute("COMMIT")
+        _in_transaction(con, database, lambda: _record_evaluations(con, rows))
     finally:
         con.close()
 
@@ -303,13 +417,10 @@ def load_shard(database: str, manifest_path: str, *, tables: Sequence[ResultTabl
     manifest, parts = read_manifest(manifest_path, tables)
     con = connect(database)
     try:
-        con.execute("BEGIN TRANSACTION")
-        try:
-            loaded = _load_package(con, manifest, parts)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+        if lake.is_lake(database):
+            loaded = _load_claimed(con, database, manifest, parts)
+        else:
+            loaded = _in_transaction(con, database, lambda: _load_package(con, manifest, parts))
     finally:
         con.close()
     if loaded:
@@ -325,6 +436,38 @@ def _load_package(con, manifest: dict, parts: dict) -> tuple[int, int] | None:
         return None  # loaded before (a retry after a crash): nothing to do
     _replace_docs(con, manifest["table"], manifest["head"], [(manifest, parts)])
     return _mark_loaded(con, manifest, parts)
+
+
+def _load_claimed(con, database: str, manifest: dict, parts: dict) -> tuple[int, int] | None:
+    """A package into a lake, exactly once whoever else loads it at the same moment.
+
+    DuckLake has no keys and retries a commit that does not conflict (two inserts never do), so a marker
+    checked inside the transaction is not enough: the load also updates the package's claim row, made
+    (committed) before. Two loaders updating it conflict on commit; the loser runs again and finds the
+    marker."""
+    shard = manifest["shard_id"]
+
+    def claim() -> None:
+        if not con.execute(f"SELECT 1 FROM {lake.CLAIMS} WHERE package = ?", [shard]).fetchone():
+            con.execute(f"INSERT INTO {lake.CLAIMS} (package, run_id, claimed_at) VALUES (?, ?, ?)",
+                        [shard, manifest["run_id"], _now()])
+
+    def load() -> tuple[int, int] | None:
+        if _was_loaded(con, manifest):
+            return None
+        con.execute(f"UPDATE {lake.CLAIMS} SET loaded_by = ?, loaded_at = ? WHERE package = ?",
+                    [_worker(), _now(), shard])
+        checkpoint("claimed")
+        return _load_package(con, manifest, parts)
+
+    _in_transaction(con, database, claim)
+    return _in_transaction(con, database, load)
+
+
+def _worker() -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _was_loaded(con, manifest: dict) -> bool:
@@ -417,9 +560,9 @@ def load_or_quarantine(database: str, manifest_path: str, run_id: str | None = N
     run = run_id or Path(manifest_path).parent.name
     con = connect(database)  # first the record (idempotent), then the move: a retry repeats neither
     try:
-        con.execute("UPDATE runs SET quarantined = CASE WHEN list_contains(coalesce(quarantined, []), $1) "
-                    "THEN quarantined ELSE list_append(coalesce(quarantined, []), $1) END WHERE run_id = $2",
-                    [entry, run])
+        _in_transaction(con, database, lambda: con.execute(
+            "UPDATE runs SET quarantined = CASE WHEN list_contains(coalesce(quarantined, []), $1) "
+            "THEN quarantined ELSE list_append(coalesce(quarantined, []), $1) END WHERE run_id = $2", [entry, run]))
     finally:
         con.close()
     dest = quarantine(manifest_path, reason)
@@ -458,13 +601,14 @@ def stage_write(database: str, run_id: str, kind: str, payload: dict, staging: s
 
 
 def _migrate_once(con, database: str, tables: Sequence[ResultTable]) -> None:
-    key = (str(Path(database).resolve()), migrations.database_id(con), tuple(sorted(t.name for t in tables)))
+    where = database if lake.is_lake(database) else str(Path(database).resolve())
+    key = (where, migrations.database_id(con), tuple(sorted(t.name for t in tables)))
     if key[1] is None or key not in _MIGRATED:
-        migrations.migrate(con, database, tables)
+        _migrate(con, database, tables)
         _MIGRATED.add((key[0], migrations.database_id(con), key[2]))
 
 
-def _apply_op(con, op: dict, tables: Sequence[ResultTable]) -> None:
+def _apply_op(con, op: dict, tables: Sequence[ResultTable], database: str = "", staging: str | None = None) -> None:
     kind, run_id, at = op["kind"], op["run_id"], datetime.fromisoformat(op["at"])
     if kind == "start":
         con.execute("INSERT INTO runs (run_id, started_at, status, config_path, corpus) SELECT ?, ?, 'running', ?, ? "
@@ -473,6 +617,13 @@ def _apply_op(con, op: dict, tables: Sequence[ResultTable]) -> None:
     elif kind == "model":
         _register_model(con, op["model"])
         _map_legacy_model(con, op["model"], tables)
+    elif kind == "recover" and lake.is_lake(database):  # many runs at once: only the dead ones
+        live = live_runs(database, staging) | {run_id}
+        dead = [r for (r,) in con.execute("SELECT run_id FROM runs WHERE status = 'running'").fetchall()
+                if r not in live]
+        if dead:
+            con.execute("UPDATE runs SET status = 'interrupted', finished_at = coalesce(finished_at, ?) "
+                        "WHERE status = 'running' AND list_contains(?, run_id)", [at, dead])
     elif kind == "recover":  # staged under the run lock: every other run still 'running' is dead
         con.execute("UPDATE runs SET status = 'interrupted', finished_at = coalesce(finished_at, ?) "
                     "WHERE status = 'running' AND run_id <> ?", [at, run_id])
@@ -487,35 +638,41 @@ def _apply_op(con, op: dict, tables: Sequence[ResultTable]) -> None:
                     [at, op["status"], op["docs_read"], totals["inferred"],
                      totals["unchanged"] + totals["skipped_failed"], totals["failed"], json.dumps(stats),
                      list(op["file_errors"]), op.get("error"), run_id])
+        if lake.is_lake(database):  # names the snapshot for `taskheads sql --at-run`
+            con.execute("CALL ducklake_set_commit_message(?, 'taskheads', ?)", [lake.ALIAS, lake.finish_message(run_id)])
     else:
         raise ValueError(f"unknown staged op {kind!r}")
 
 
-def _apply_ops(con, ops: list[tuple[str, dict | None]], tables: Sequence[ResultTable], log) -> int:
+def _apply_ops(con, ops: list[tuple[str, dict | None]], tables: Sequence[ResultTable], log, database: str = "",
+               staging: str | None = None) -> int:
     """Apply ops in one transaction, then delete their files (applying one twice changes nothing)."""
     good = [(p, op) for p, op in ops if op is not None]
     for p, op in ops:
         if op is None:
             log(f"staged write {p} is not readable JSON; dropped")
+
+    def apply() -> None:
+        if lake.is_lake(database):  # a write every ops transaction makes: two at once conflict, so a model or
+            # run row another process inserts meanwhile is seen by the retry (inserts alone never conflict)
+            con.execute(f"UPDATE {META_TABLE} SET value = value WHERE key = 'schema_version'")
+        for _, op in good:
+            _apply_op(con, op, tables, database, staging)
+
     if good:
-        con.execute("BEGIN TRANSACTION")
-        try:
-            for _, op in good:
-                _apply_op(con, op, tables)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+        _in_transaction(con, database, apply)
     for p, _ in ops:
         Path(p).unlink(missing_ok=True)
     return len(good)
 
 
-def _quarantine_package(con, path: str, reason: str, run_id: str | None, out: Loaded, log) -> None:
+def _quarantine_package(con, path: str, reason: str, run_id: str | None, out: Loaded, log,
+                        database: str = "") -> None:
     entry = f"{Path(path).name.removesuffix('.json')}: {reason}"
     run = run_id or Path(path).parent.name
-    con.execute("UPDATE runs SET quarantined = CASE WHEN list_contains(coalesce(quarantined, []), $1) "
-                "THEN quarantined ELSE list_append(coalesce(quarantined, []), $1) END WHERE run_id = $2", [entry, run])
+    _in_transaction(con, database, lambda: con.execute(
+        "UPDATE runs SET quarantined = CASE WHEN list_contains(coalesce(quarantined, []), $1) "
+        "THEN quarantined ELSE list_append(coalesce(quarantined, []), $1) END WHERE run_id = $2", [entry, run]))
     dest = quarantine(path, reason)
     log(f"load package quarantined, never to be loaded: {entry} (moved to {dest})")
     if run_id and Path(path).parent.name == run_id:
@@ -544,6 +701,35 @@ def _load_together(con, packages: Sequence[tuple[dict, dict]]) -> list[tuple[int
         for i, m, p in members:
             out[i] = _mark_loaded(con, m, p)
     return out
+
+
+def _load_lake(con, database: str, paths: Sequence[str], run_id: str | None, tables: Sequence[ResultTable],
+               out: Loaded, log) -> None:
+    """Packages into a lake, one claimed transaction each (storage.lake: other processes load at once)."""
+    for path in paths:
+        try:
+            manifest, parts = read_manifest(path, tables)
+        except FileNotFoundError:
+            continue  # another process loaded it and removed its files meanwhile
+        except BadPackage as exc:
+            if not Path(path).exists():
+                continue  # as above: removal deletes the manifest first
+            _quarantine_package(con, path, str(exc), run_id, out, log, database)
+            continue
+        try:
+            got = _load_claimed(con, database, manifest, parts)
+        except _UNLOADABLE as exc:
+            reason = f"does not load: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+            _quarantine_package(con, path, reason, run_id, out, log, database)
+            continue
+        if got:
+            checkpoint("loaded")
+            out.packages += 1
+            if run_id and Path(path).parent.name == run_id:
+                out.rows[manifest["head"]] = out.rows.get(manifest["head"], 0) + got[0]
+            else:
+                out.recovered_rows += got[0]
+        remove_shard(path)
 
 
 def _load_batch(con, paths: Sequence[str], run_id: str | None, tables: Sequence[ResultTable], out: Loaded,
@@ -598,8 +784,10 @@ def load_staged(database: str, *, tables: Sequence[ResultTable], run_id: str | N
     packages wait. `run_id`: the calling run (its rows are counted per head; others' are recovered)."""
     log = log or _log.error
     out = Loaded()
-    ops = [(p, read_op(p)) for p in staged_ops(database, staging)]
-    manifests = staged_manifests(database, staging)
+    on_lake = lake.is_lake(database)
+    skip = live_runs(database, staging) - {run_id} if on_lake else set()  # on a lake: others' live runs
+    ops = [(p, read_op(p)) for p in staged_ops(database, staging) if Path(p).parent.name not in skip]
+    manifests = [m for m in staged_manifests(database, staging) if Path(m).parent.name not in skip]
     if not ops and not manifests:
         return out
     try:
@@ -611,11 +799,14 @@ def load_staged(database: str, *, tables: Sequence[ResultTable], run_id: str | N
     try:
         _migrate_once(con, database, tables)
         final = {p for p, op in ops if op is not None and op["kind"] in _FINAL_OPS}
-        out.ops += _apply_ops(con, [(p, op) for p, op in ops if p not in final], tables, log)
+        out.ops += _apply_ops(con, [(p, op) for p, op in ops if p not in final], tables, log, database, staging)
         for i in range(0, len(manifests), max(1, batch)):
-            _load_batch(con, manifests[i:i + batch], run_id, tables, out, log)
+            if on_lake:
+                _load_lake(con, database, manifests[i:i + batch], run_id, tables, out, log)
+            else:
+                _load_batch(con, manifests[i:i + batch], run_id, tables, out, log)
         out.ops += _apply_ops(con, [(p, op) for p, op in ops if p in final and op["kind"] != "evaluate"],
-                              tables, log)
+                              tables, log, database, staging)
     finally:
         con.close()
     for p, op in evaluate:  # metrics read the results just loaded, read-only; then one short write
@@ -637,18 +828,20 @@ def load_staged(database: str, *, tables: Sequence[ResultTable], run_id: str | N
         except DatabaseBusy:
             break
         try:
-            out.ops += _apply_ops(con, [(p, {**op, "kind": "evaluations", "rows": rows})], tables, log)
+            out.ops += _apply_ops(con, [(p, {**op, "kind": "evaluations", "rows": rows})], tables, log, database,
+                                  staging)
         finally:
             con.close()
-    clear_staging(database, keep_run=run_id, staging=staging)
-    out.waiting = len(staged_manifests(database, staging))
+    clear_staging(database, keep_run=run_id, staging=staging, keep=skip)
+    out.waiting = len([m for m in staged_manifests(database, staging) if Path(m).parent.name not in skip])
     return out
 
 
 def wait_readable(database: str, wait_seconds: float) -> None:
     """Return once the database can be read (at once, unless another process holds it read-write);
-    DatabaseLocked naming the holder after `wait_seconds`. Nothing for a database not made yet."""
-    if Path(database).exists():
+    DatabaseLocked naming the holder after `wait_seconds`. Nothing for a database not made yet, or a lake
+    (no file lock: readers and writers share it)."""
+    if not lake.is_lake(database) and Path(database).exists():
         connect(database, read_only=True, wait_seconds=wait_seconds).close()
 
 
@@ -674,7 +867,9 @@ def query(database: str, sql: str, params: Sequence[Any] | None = None, wait_sec
     check_select(sql)
     con = connect(database, read_only=True, wait_seconds=wait_seconds)
     try:
-        lock_down(con, [p for p in read if not Path(p).is_dir()], [p for p in read if Path(p).is_dir()], utc=False)
+        files, dirs = lake.readable_paths(con, database) if lake.is_lake(database) else ([], [])
+        lock_down(con, [p for p in read if not Path(p).is_dir()] + files, [p for p in read if Path(p).is_dir()] + dirs,
+                  utc=False)
         cur = con.execute(sql, list(params or []))
         return [d[0] for d in cur.description], cur.fetchall()
     finally:

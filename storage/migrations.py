@@ -36,8 +36,9 @@ import duckdb
 from core.errors import SchemaTooNew
 from core.tables import ResultTable
 
-from .schema import META_TABLE, ddl, result_ddl
-from .views import create_views
+from .lake import CLAIMS, is_lake
+from .schema import CLAIMS_DDL, META_TABLE, ddl, lake_sql, result_ddl
+from .views import create_views, view_definitions
 
 Step = Union[list[str], Callable[[duckdb.DuckDBPyConnection], None]]
 
@@ -121,8 +122,21 @@ def refuse_newer(con: duckdb.DuckDBPyConnection, path: str) -> None:
 
 
 def _set(con: duckdb.DuckDBPyConnection, **values) -> None:
-    for key, value in values.items():
-        con.execute(f"INSERT OR REPLACE INTO {META_TABLE} (key, value) VALUES (?, ?)", [key, str(value)])
+    for key, value in values.items():  # (a lake has no keys: no INSERT OR REPLACE)
+        con.execute(f"DELETE FROM {META_TABLE} WHERE key = ?", [key])
+        con.execute(f"INSERT INTO {META_TABLE} (key, value) VALUES (?, ?)", [key, str(value)])
+
+
+def _lake_complete(con: duckdb.DuckDBPyConnection, tables: Sequence[ResultTable]) -> bool:
+    """A lake at this version with every result table, view and the claims table: nothing to do. (On a
+    lake every DDL statement is a commit that conflicts with another process's same DDL, so a lake is
+    changed only when something is missing.)"""
+    present = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = "
+                                         "current_database() AND schema_name = 'main'").fetchall()}
+    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE database_name = "
+                                       "current_database() AND NOT internal").fetchall()}
+    names = [t.name for t in tables]
+    return (set(names) | {CLAIMS} <= present) and set(view_definitions(names)) <= views
 
 
 def _apply(con: duckdb.DuckDBPyConnection, step: Step) -> None:
@@ -139,13 +153,16 @@ def migrate(con: duckdb.DuckDBPyConnection, path: str, tables: Sequence[ResultTa
     version = stored_version(con, path)
     if version is not None and version > SCHEMA_VERSION:
         raise too_new(path, version)
+    on_lake = is_lake(path)
+    if on_lake and version == SCHEMA_VERSION and _lake_complete(con, tables):
+        return version
     now = datetime.now(timezone.utc).isoformat()
     at = version
     con.execute("BEGIN TRANSACTION")
     try:
         if version is None:
             for sql in ddl(tables):
-                con.execute(sql)
+                con.execute(lake_sql(sql) if on_lake else sql)
             _set(con, schema_version=SCHEMA_VERSION, database_id=uuid.uuid4(), created_at=now)
         elif version < SCHEMA_VERSION:
             for at in range(version, SCHEMA_VERSION):
@@ -155,10 +172,15 @@ def migrate(con: duckdb.DuckDBPyConnection, path: str, tables: Sequence[ResultTa
                  migrated_from=version, migrated_at=now)
         for sql in result_ddl(tables):  # a head added since the database was made: its table
             con.execute(sql)
+        if on_lake:
+            con.execute(CLAIMS_DDL)
         create_views(con, tables)  # views follow the code, not the schema version
         con.execute("COMMIT")
     except BaseException as exc:
-        con.execute("ROLLBACK")
+        try:
+            con.execute("ROLLBACK")
+        except duckdb.Error:
+            pass  # a failed COMMIT (a lake's conflict) ended the transaction already
         if not isinstance(exc, Exception):
             raise
         detail = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"

@@ -40,6 +40,7 @@ from core.names import quote
 from core.tables import ResultTable
 
 from .corpus import id_text
+from .lake import exists as _lake_exists, is_lake
 from .saved_dataset import short_name, source_name
 from .sandbox import check_expression, literal_path, sandboxed_connection
 from .schema import upstream_sql
@@ -196,7 +197,7 @@ def open_plan(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
             routing[h.name] = check_expression(h.where) if h.where else None
         except ValueError as exc:
             raise ValueError(f"heads.{h.name}.where: {exc}") from None
-    database = database if database and Path(database).exists() else None
+    database = database if database and (_lake_exists(database) if is_lake(database) else Path(database).exists()) else None
     con = sandboxed_connection(files, database, memory_limit=memory_limit, temp_directory=temp_directory)
     errors: list[str] = []
     try:

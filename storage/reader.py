@@ -18,7 +18,8 @@ from typing import IO, Callable, Iterator, Sequence
 import duckdb
 import pyarrow as pa
 
-from .db import connect
+from .db import connect, exists
+from .lake import is_lake, readable_paths
 from .sandbox import check_select, lock_down
 from .views import create_views, result_tables_in
 
@@ -31,7 +32,7 @@ def open_reader(database: str | os.PathLike, wait_seconds: float = 30.0) -> Iter
     Every result table's `latest_<table>` view is there, also in a database made before the views
     (as temporary views). A missing file is FileNotFoundError: opening never creates one."""
     path = str(database)
-    if not Path(path).is_file():
+    if not (exists(path) if is_lake(path) else Path(path).is_file()):
         raise FileNotFoundError(f"{path}: no such database")
     con = connect(path, read_only=True, wait_seconds=wait_seconds)
     try:
@@ -75,21 +76,31 @@ def head_results(database: str | os.PathLike, head: str, wait_seconds: float = 3
 
 
 @contextmanager
-def _sandboxed(database: str, sql: str, wait_seconds: float, read: Sequence[str]):
-    """One SELECT on the database opened read-only and locked down (as storage.db.query)."""
+def _sandboxed(database: str, sql: str, wait_seconds: float, read: Sequence[str], at_run: str | None = None):
+    """One SELECT on the database opened read-only and locked down (as storage.db.query); `at_run`: a lake
+    as it was when that run finished (DuckLake time travel)."""
     check_select(sql)
-    con = connect(database, read_only=True, wait_seconds=wait_seconds)
+    if at_run is not None:
+        from .lake import connect as lake_connect, snapshot_after_run
+
+        if not is_lake(database):
+            raise ValueError("--at-run needs a DuckLake database (ducklake:...): a DuckDB file keeps no history")
+        con = lake_connect(database, read_only=True, snapshot=snapshot_after_run(database, at_run))
+    else:
+        con = connect(database, read_only=True, wait_seconds=wait_seconds)
     try:
-        lock_down(con, [p for p in read if not Path(p).is_dir()], [p for p in read if Path(p).is_dir()], utc=False)
+        files, dirs = readable_paths(con, database) if is_lake(database) else ([], [])
+        lock_down(con, [p for p in read if not Path(p).is_dir()] + files, [p for p in read if Path(p).is_dir()] + dirs,
+                  utc=False)
         yield con
     finally:
         con.close()
 
 
 def select_rows(database: str, sql: str, limit: int | None = None, wait_seconds: float = 30.0,
-                read: Sequence[str] = ()) -> tuple[list[str], list[tuple], bool]:
+                read: Sequence[str] = (), at_run: str | None = None) -> tuple[list[str], list[tuple], bool]:
     """(columns, at most `limit` rows (all with None), whether more rows were left out)."""
-    with _sandboxed(database, sql, wait_seconds, read) as con:
+    with _sandboxed(database, sql, wait_seconds, read, at_run) as con:
         cur = con.execute(sql)
         columns = [d[0] for d in cur.description]
         if limit is None:
@@ -98,8 +109,9 @@ def select_rows(database: str, sql: str, limit: int | None = None, wait_seconds:
         return columns, rows[:limit], len(rows) > limit
 
 
-def select_arrow(database: str, sql: str, wait_seconds: float = 30.0, read: Sequence[str] = ()) -> pa.Table:
-    with _sandboxed(database, sql, wait_seconds, read) as con:
+def select_arrow(database: str, sql: str, wait_seconds: float = 30.0, read: Sequence[str] = (),
+                 at_run: str | None = None) -> pa.Table:
+    with _sandboxed(database, sql, wait_seconds, read, at_run) as con:
         return con.sql(sql).to_arrow_table()
 
 

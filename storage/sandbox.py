@@ -170,6 +170,13 @@ def sandboxed_connection(read_files: Sequence[str] = (), database: str | None = 
             con.execute("SET memory_limit = ?", [memory_limit])
         if temp_directory:
             con.execute("SET temp_directory = ?", [temp_directory])
+        from . import lake
+
+        if lake.is_lake(database):  # attached before the lock-down (it loads extensions), then its files allowed
+            lake.attach(con, database, name="results", read_only=True)
+            files, dirs = lake.readable_paths(con, database, "results")
+            lock_down(con, list(read_files) + files, dirs)
+            return con
         db_files = [database, database + ".wal"] if database else []
         lock_down(con, list(read_files) + db_files)
         if database:

@@ -141,3 +141,20 @@ CORE_DDL = [
   updated_at TIMESTAMPTZ
 )""",
 ]
+
+
+# A lake (storage.lake) has no PRIMARY KEY or UNIQUE constraints: the same tables without them, and the
+# claims exactly-once loading needs there (a package's claim row is updated inside its load: two loaders
+# updating it conflict on commit, and the loser sees the package loaded when it retries).
+CLAIMS_DDL = """CREATE TABLE IF NOT EXISTS taskheads_claims (
+  package VARCHAR,          -- the load package (shard id)
+  run_id VARCHAR,           -- the run that staged it
+  claimed_at TIMESTAMPTZ,
+  loaded_by VARCHAR,        -- host:pid of the process whose load committed
+  loaded_at TIMESTAMPTZ
+)"""
+
+
+def lake_sql(sql: str) -> str:
+    """A CORE_DDL statement as a lake takes it: without key constraints."""
+    return sql.replace(" PRIMARY KEY", "")

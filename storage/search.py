@@ -23,7 +23,8 @@ import pyarrow.compute  # noqa: F401  (pa.compute below: a bare `import pyarrow`
 
 from core.names import quote
 
-from .db import connect
+from .db import connect, exists
+from .lake import is_lake, readable_paths
 from .sandbox import check_expression, literal_path, lock_down
 
 
@@ -68,7 +69,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _open(database: str, wait_seconds: float) -> duckdb.DuckDBPyConnection:
-    if not Path(database).exists():
+    if not exists(database):
         raise SearchError(f"database not found: {database}")
     con = connect(database, read_only=True, wait_seconds=wait_seconds)
     if not con.execute("SELECT 1 FROM duckdb_views() WHERE view_name = 'latest_embeddings'").fetchall():
@@ -134,7 +135,8 @@ def rank(database: str, head: str, query: np.ndarray, k: int = 10, where: str | 
                 raise SearchError("--where needs the corpus of the head's runs")
             cond = f" AND {checked_filter(where)}"
             docs, docs_params = _corpus_sql(corpus)
-            lock_down(con, corpus.files(), utc=False)  # the filter can read nothing but the corpus
+            files, dirs = readable_paths(con, database) if is_lake(database) else ([], [])
+            lock_down(con, list(corpus.files()) + files, dirs, utc=False)  # the filter reads the corpus only
             source += f" JOIN {docs} c ON c.__doc_id = e.doc_id"
             params += docs_params
         params.append(head)

@@ -49,11 +49,27 @@ def staging_root(database: str, staging: str | None = None) -> Path:
     configured folder that every worker can reach (a shared filesystem when workers are machines),
     in a subfolder of its own per database: `<name>-<database id>`. The id (a UUID the database got
     when created) and not its path, because two hosts may have a database at the same path."""
+    from . import lake
+
+    if lake.is_lake(database):  # beside a SQLite catalog; a PostgreSQL catalog has no "beside"
+        file = lake.catalog_file(database)
+        if not staging and file is None:
+            raise lake.LakeError(f"{database}: a lake with a PostgreSQL catalog needs `staging` (a folder for "
+                                 "load packages, shared by every machine that runs units)")
+        if not staging:
+            return file.with_name(file.name + ".staging")
     if not staging:
         return Path(database).with_name(Path(database).name + ".staging")
     from .db import database_id  # db imports this module
 
+    if lake.is_lake(database):  # (a lake's id never changes: looked up once per process, not per package)
+        if database not in _LAKE_IDS:
+            _LAKE_IDS[database] = database_id(database)
+        return Path(staging) / f"{lake.local_name(database)}-{_LAKE_IDS[database]}"
     return Path(staging) / f"{Path(database).name}-{database_id(database)}"
+
+
+_LAKE_IDS: dict[str, str] = {}
 
 
 def staging_dir(database: str, run_id: str, staging: str | None = None) -> Path:
@@ -265,13 +281,34 @@ def _pending(folder: Path) -> bool:
     return any(folder.glob("*.json")) or any(folder.glob(f"*{OP_SUFFIX}"))
 
 
-def clear_staging(database: str, keep_run: str | None = None, staging: str | None = None) -> None:
-    """Remove staging folders of ended runs (their partial files) except the current run's, the quarantine
-    and any folder still holding packages or ops that wait for the database."""
+def held(path: Path) -> bool:
+    """Whether another open file holds an flock on `path` (a live run's `.alive` file on a lake)."""
+    import fcntl
+
+    try:
+        handle = open(path, "r")
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def clear_staging(database: str, keep_run: str | None = None, staging: str | None = None,
+                  keep: set[str] | frozenset = frozenset()) -> None:
+    """Remove staging folders of ended runs (their partial files) except the current run's, the quarantine,
+    the folders of `keep` and of runs alive right now (a lake: `<run>.alive` locked, checked per folder just
+    before removing it, as a run takes that lock before it makes its folder) and any folder still holding
+    packages or ops that wait."""
     import shutil
 
     root = staging_root(database, staging)
     if root.is_dir():
         for d in root.iterdir():
-            if d.name not in (keep_run, QUARANTINE) and d.is_dir() and not _pending(d):
+            if d.name not in (keep_run, QUARANTINE) and d.name not in keep and d.is_dir() and not _pending(d) \
+                    and not held(root / f"{d.name}.alive"):
                 shutil.rmtree(d, ignore_errors=True)

@@ -63,6 +63,10 @@ def as_dict(cfg: "PipelineConfig") -> dict:
 
 
 def _absolute(path: str | os.PathLike | None) -> str | None:
+    if isinstance(path, str) and path.startswith("ducklake:"):  # a lake: its SQLite catalog path made absolute
+        from storage.lake import resolve
+
+        return resolve(path, Path.cwd())
     return os.path.abspath(os.fspath(path)) if path is not None else None
 
 

@@ -233,7 +233,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         return 2
     wait = cfg.load_wait if args.wait is None else args.wait
     try:
-        with db.run_lock(cfg.database):
+        with db.run_lock(cfg.database, f"load-{os.getpid()}", cfg.staging):
             got = db.load_staged(cfg.database, tables=result_tables(), staging=cfg.staging, wait_seconds=wait,
                                  log=lambda line: print(f"taskheads: {line}", file=sys.stderr))
     except DatabaseBusy as exc:  # a run is writing (it loads them itself)
@@ -377,8 +377,20 @@ def cmd_sql(args: argparse.Namespace) -> int:
     from storage.db import DatabaseBusy, SchemaTooNew
     from storage.sandbox import UnsafeSQL
 
-    if not os.path.exists(args.db):
+    from storage.db import exists
+    from storage.lake import LakeError, is_lake
+
+    try:
+        found = exists(args.db)
+    except LakeError as exc:
+        print(f"taskheads: {exc}", file=sys.stderr)
+        return 2
+    if not found:
         print(f"taskheads: database not found: {args.db}", file=sys.stderr)
+        return 2
+    if args.at_run is not None and not is_lake(args.db):
+        print("taskheads: --at-run needs a DuckLake database (ducklake:...): a DuckDB file keeps no history",
+              file=sys.stderr)
         return 2
     for path in args.read:
         if not os.path.exists(path):
@@ -395,7 +407,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
         return 2
     try:
         text = _sql_output(args)
-    except SchemaTooNew as exc:
+    except (SchemaTooNew, LookupError, LakeError) as exc:  # LookupError: --at-run names no finished run
         print(f"taskheads: {exc}", file=sys.stderr)
         return 2
     except UnsafeSQL as exc:
@@ -427,7 +439,7 @@ def _sql_output(args: argparse.Namespace) -> str | None:
 
     from storage import reader
 
-    common = {"wait_seconds": args.wait, "read": args.read}
+    common = {"wait_seconds": args.wait, "read": args.read, "at_run": args.at_run}
     if args.format in ("table", "json"):
         limit = (args.limit or None) if args.format == "table" else None
         columns, rows, more = reader.select_rows(args.db, args.query, limit=limit, **common)
@@ -528,6 +540,45 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from heads.registry import result_tables
+    from storage.lake import LakeError, is_lake
+    from storage.migrate_lake import LakeNotEmpty, copy_to_lake
+
+    if not os.path.isfile(args.db):
+        print(f"taskheads: database not found: {args.db}", file=sys.stderr)
+        return 2
+    if not is_lake(args.lake):
+        print(f"taskheads: {args.lake}: not a lake (ducklake:sqlite:FILE or ducklake:postgres:CONNECTION)",
+              file=sys.stderr)
+        return 2
+    try:
+        counts = copy_to_lake(args.db, args.lake, tables=result_tables(), data_path=args.data_path)
+    except (LakeError, LakeNotEmpty) as exc:
+        print(f"taskheads: {exc}", file=sys.stderr)
+        return 2
+    for table, n in counts.items():
+        print(f"{table}: {n} rows")
+    print(f"copied {args.db} into {args.lake}")
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from storage.lake import LakeError, compact, is_lake
+
+    if not is_lake(args.db):
+        print(f"taskheads: {args.db}: compact is for a DuckLake (ducklake:...)", file=sys.stderr)
+        return 2
+    try:
+        done = compact(args.db, args.keep_days)
+    except LakeError as exc:
+        print(f"taskheads: {exc}", file=sys.stderr)
+        return 2
+    print(f"merged {done['merged']} file group(s), expired {done['expired']} snapshot(s), "
+          f"deleted {done['cleaned']} file(s)")
+    return 0
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="pipeline config (TOML)")
     p.add_argument("--corpus", help="override the config's corpus (file, folder or glob)")
@@ -595,7 +646,22 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--out", metavar="FILE", help="write the result to FILE instead of stdout (written by taskheads "
                      "itself, complete or not at all; the SQL can write nothing)")
     sql.add_argument("--limit", type=int, default=50, help="--format table: rows shown (default 50; 0: all)")
+    sql.add_argument("--at-run", metavar="RUN_ID", help="a DuckLake database as it was when that run finished "
+                     "(time travel; the run ids are in the runs table)")
     sql.set_defaults(func=cmd_sql)
+    migrate = sub.add_parser("migrate", help="copy a DuckDB results file into a DuckLake (every table and view; "
+                             "the file is only read)")
+    migrate.add_argument("db", help="the .duckdb results file")
+    migrate.add_argument("lake", help="ducklake:sqlite:FILE or ducklake:postgres:CONNECTION (new, or empty)")
+    migrate.add_argument("--data-path", help="the lake's Parquet folder (default beside a SQLite catalog; "
+                         "required with PostgreSQL)")
+    migrate.set_defaults(func=cmd_migrate)
+    compact = sub.add_parser("compact", help="DuckLake maintenance: merge small files, expire old snapshots, "
+                             "delete files no snapshot needs (time travel before it ends)")
+    compact.add_argument("db", help="ducklake:sqlite:FILE or ducklake:postgres:CONNECTION")
+    compact.add_argument("--keep-days", type=float, default=7.0, help="keep the snapshots of the last DAYS for "
+                         "time travel (default 7; 0: expire every snapshot but the current one)")
+    compact.set_defaults(func=cmd_compact)
     train = sub.add_parser("train", help="fine-tune a base encoder into a head (the train-head flow): "
                            "classification, ner or qa")
     train.add_argument("task", help="classification | ner | qa")

@@ -173,9 +173,9 @@ def build_report(database: str, out: str) -> str:
 
 def main_report(database: str, out: str) -> int:
     """CLI entry: 0 and the path on stdout; 2 for a missing or too new database; 1 when it cannot be read."""
-    from storage.db import DatabaseBusy, SchemaTooNew
+    from storage.db import DatabaseBusy, SchemaTooNew, exists
 
-    if not os.path.exists(database):
+    if not exists(database):  # a file, or a lake's catalog
         print(f"taskheads: database not found: {database}", file=sys.stderr)
         return 2
     try:

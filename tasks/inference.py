@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 from collections import Counter
 import socket
@@ -30,6 +31,7 @@ class UnitOutcome:
     worker: str = ""  # host:pid that ran the unit
     model_failed: int = 0  # documents of `inferred` that failed (encode, forward, decode)
     reasons: tuple[tuple[str, int], ...] = ()  # the most common model-stage failure reasons, with counts
+    loaded_rows: int | None = None  # result rows this task committed itself (a lake), None: left to the loader
 
 
 def shard_id_for(run_id: str, head: str, unit: WorkUnit) -> str:
@@ -72,9 +74,31 @@ def _retry_unit(task, task_run, state) -> bool:
 @task(name="infer-unit", cache_policy=NO_CACHE, tags=[INFER_TAG], retries=2, retry_delay_seconds=[2, 10],
       retry_condition_fn=_retry_unit)
 def infer_unit(unit: WorkUnit, head_cfg, id_column: str, text_column: str, run_id: str, model_id: str,
-               staging: str, max_resident_models: int = 0) -> UnitOutcome:
+               staging: str, max_resident_models: int = 0, lake: str | None = None) -> UnitOutcome:
+    """`lake`: the results lake (storage.lake), into which this task commits its own package once staged,
+    so the flow's one loader is no ceiling when units run on many workers; it only sweeps what is left."""
     with using_head(head_cfg, max_resident_models) as head:
-        return _infer(head, unit, head_cfg, id_column, text_column, run_id, model_id, staging)
+        out = _infer(head, unit, head_cfg, id_column, text_column, run_id, model_id, staging)
+    if lake:
+        out = _commit(out, lake)
+    return out
+
+
+def _commit(out: UnitOutcome, lake: str) -> UnitOutcome:
+    """Load the unit's package into the lake here; on any error it stays staged for the flow's loader
+    (which retries, or quarantines a package that can never load, and reports it)."""
+    from dataclasses import replace
+
+    from heads.registry import result_tables
+    from storage.db import load_shard
+
+    try:
+        rows, _ = load_shard(lake, out.manifest, tables=result_tables())
+    except Exception as exc:  # noqa: BLE001 - the loader decides what the error means
+        logging.getLogger("taskheads.inference").warning(f"package {Path(out.manifest).name} left to the run's "
+                                                         f"loader: {type(exc).__name__}: {exc}")
+        return out
+    return replace(out, loaded_rows=rows)
 
 
 def _infer(head, unit: WorkUnit, head_cfg, id_column: str, text_column: str, run_id: str, model_id: str,

@@ -48,9 +48,10 @@ def wait_readable(database: str, wait_seconds: float) -> None:
 
 
 @task(name="create-database", cache_policy=NO_CACHE)
-def create_database(database: str) -> None:
-    """Make a new results database with its schema (no other process can hold a file not made yet)."""
-    db.ensure_schema(database, tables=result_tables())
+def create_database(database: str, data_path: str | None = None) -> None:
+    """Make a new results database with its schema (no other process can hold a file not made yet);
+    `data_path`: a new lake's Parquet folder."""
+    db.ensure_schema(database, tables=result_tables(), data_path=data_path)
 
 
 @task(name="stage-run-start", cache_policy=NO_CACHE)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -21,9 +20,11 @@ BAD = {"null-text": (None, "null text"), "empty": ("", "empty text"),
        "blank": ("\u3000\t\n  ", "whitespace-only text")}
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_models, prefect_harness):
+@pytest.fixture(scope="module", params=["duckdb", "lake"])
+def run(request, tmp_path_factory, tiny_models, prefect_harness):
+    """The same input on both backends: a `.duckdb` file and a DuckLake with a SQLite catalog."""
     from flows.process_corpus import process_corpus
+    from storage.db import connect
 
     root = tmp_path_factory.mktemp("bad")
     corpus = root / "corpus"
@@ -37,7 +38,7 @@ def run(tmp_path_factory, tiny_models, prefect_harness):
     os.symlink(root / "gone.parquet", corpus / "dead.parquet")
     (root / "p.toml").write_text(f"""
 corpus = "corpus"
-database = "r.duckdb"
+database = "{'r.duckdb' if request.param == 'duckdb' else 'ducklake:sqlite:r.sqlite'}"
 [heads.topic]
 task = "classification"
 model = "{tiny_models['classification']}"
@@ -47,7 +48,8 @@ model = "{tiny_models['ner']}"
 ignore_labels = []
 """)
     summary = process_corpus(config_path=str(root / "p.toml"))
-    con = duckdb.connect(str(root / "r.duckdb"), read_only=True)
+    con = connect(str(root / "r.duckdb") if request.param == "duckdb" else f"ducklake:sqlite:{root / 'r.sqlite'}",
+                  read_only=True)
     yield summary, con
     con.close()
 

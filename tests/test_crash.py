@@ -54,7 +54,9 @@ def run_cli(root, env, db, kill_at=None):
 
 
 def tables(db):
-    con = duckdb.connect(db, read_only=True)
+    from storage.db import connect
+
+    con = connect(db, read_only=True)  # a file or a lake
     try:
         return {t: con.execute(f"SELECT {cols} FROM {t} ORDER BY ALL").fetchall() for t, cols in COMPARED.items()}
     finally:
@@ -90,3 +92,26 @@ def test_killed_run_then_rerun_equals_clean_run(setup, clean, kill_at):
     # (units run concurrently, so a kill elsewhere may also leave other units' packages staged)
     if kill_at.startswith(("staged", "load:")):
         assert "recovered" in resumed.stdout
+
+
+@pytest.mark.parametrize("kill_at", ["staged:3", "claimed:2", "load:3", "loaded:3"])
+def test_killed_lake_run_then_rerun_equals_clean_run(setup, clean, kill_at):
+    """The same on a DuckLake (SQLite catalog), where the units' tasks commit their own packages: a kill
+    between staging and loading, after the claim, before or after the commit."""
+    from storage.db import connect
+
+    root, env = setup
+    name = f"killed-lake-{kill_at.replace(':', '-')}"
+    db = f"ducklake:sqlite:{root / name}.sqlite"
+    killed = run_cli(root, env, db, kill_at)
+    assert killed.returncode == -9, (killed.returncode, killed.stderr[-2000:])
+    resumed = run_cli(root, env, db)
+    assert resumed.returncode == 0, resumed.stderr
+    assert tables(db) == clean
+    con = connect(db, read_only=True)
+    statuses = [r[0] for r in con.execute("SELECT status FROM runs ORDER BY started_at").fetchall()]
+    shards = con.execute("SELECT count(*), count(DISTINCT shard_id) FROM loaded_shards").fetchone()
+    con.close()
+    assert statuses == ["interrupted", "completed"]
+    assert shards[0] == shards[1]  # no package loaded twice
+    assert not any((root / f"{name}.sqlite.staging").glob("*/*"))  # nothing left behind

@@ -20,7 +20,9 @@ PROJECT = {"core", "heads", "storage", "training", "pipeline", "tasks", "flows",
 OPTIONAL_UNDECLARED = {"duckdb_extension_vss"}
 # optional parts of the core packages: imported only for the `backend` that needs them, which
 # heads.backends.check_backend refuses first with one line naming the extra to install
-OPTIONAL_PARTS = {"heads/backends/onnx.py", "heads/backends/ct2.py"}
+OPTIONAL_PARTS = {"heads/backends/onnx.py", "heads/backends/ct2.py",
+                  # a `ducklake:` database only: without the `lake` extra it fails with one line naming it
+                  "storage/lake.py"}
 
 if sys.version_info >= (3, 11):
     import tomllib
