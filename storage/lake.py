@@ -157,6 +157,11 @@ def attach(con: duckdb.DuckDBPyConnection, database: str, name: str = ALIAS, rea
             return
         except duckdb.Error as exc:  # two processes making the catalog's tables at once: the loser retries
             text = str(exc).lower()
+            if "data_path is not set" in text and file is not None and not (read_only or snapshot is not None
+                                                                            or data_path):
+                # another run made the file and not yet DuckLake's tables: make the lake, as it does
+                data_path = default_data_path(database)
+                return attach(con, database, name, read_only, data_path, snapshot)
             transient = any(w in text for w in ("lock", "conflict", "already exists", "duplicate key", "unique"))
             if not transient or time.monotonic() > deadline:
                 raise
@@ -180,9 +185,9 @@ def connect(database: str, read_only: bool = False, data_path: str | None = None
 def exists(database: str) -> bool:
     """Whether the lake has been made (its catalog holds taskheads' tables)."""
     file = catalog_file(database)
-    if file is not None:
-        return file.exists()
-    try:
+    if file is not None and not file.exists():
+        return False
+    try:  # a file another run has made without DuckLake's tables yet does not attach: no lake yet
         con = connect(database, read_only=True)
     except duckdb.Error:
         return False

@@ -309,3 +309,28 @@ def test_lake_config_errors_are_one_line(tmp_path, tiny_models):
     with pytest.raises(ConfigError, match=r"^staging: "):
         parse_config({"corpus": "c", "database": "ducklake:postgres:dbname=r", "data_path": "d", "heads": heads},
                      tmp_path)
+
+
+def test_a_catalog_file_another_run_has_only_just_made_counts_as_no_lake(tmp_path):
+    """Two first runs at once: one has made the SQLite file (WAL mode) but not DuckLake's tables yet when
+    the other looks. The other must neither take the lake for made (and read it) nor attach it without a
+    data path (DuckLake: 'data_path is not set'); it makes the lake with the default data path too."""
+    import sqlite3
+
+    from storage import lake
+
+    file = tmp_path / "half.sqlite"
+    con = sqlite3.connect(file)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.close()
+    database = f"ducklake:sqlite:{file}"
+    assert not db.exists(database)
+    db.ensure_schema(database, tables=[])
+    assert db.exists(database)
+    reader = lake.connect(database, read_only=True)
+    try:
+        path = reader.execute("SELECT value FROM ducklake_options(?) WHERE option_name = 'data_path'",
+                              [lake.ALIAS]).fetchone()[0]
+    finally:
+        reader.close()
+    assert path.rstrip("/") == lake.default_data_path(database).rstrip("/")
