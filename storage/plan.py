@@ -48,6 +48,10 @@ from .schema import upstream_sql
 
 # the planning connection's buffer pool; beyond it DuckDB spills to the run's staging folder
 PLAN_MEMORY_LIMIT = "1GB"
+# errors of a file's scan that are not the file's fault (memory, interrupts, DuckDB's own bugs): they fail
+# the run instead of naming the file as unplannable and running the rest without it
+NOT_THE_FILES_FAULT = (duckdb.OutOfMemoryException, duckdb.InterruptException, duckdb.FatalException,
+                       duckdb.InternalException)
 
 
 @dataclass(frozen=True)
@@ -229,6 +233,9 @@ def open_plan(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
                     f"INSERT INTO scan SELECT ?, file_row_number, {id_text(quote(id_column))}, {', '.join(exprs)} "
                     f"FROM {source}", [file_no, literal_path(path)])
             except duckdb.Error as exc:
+                if isinstance(exc, NOT_THE_FILES_FAULT):  # a fault of the machine or of this code: loud
+                    exc.add_note(f"while planning {path} (planner memory_limit {memory_limit or 'DuckDB default'})")
+                    raise
                 errors.append(f"{path}: cannot be planned ({str(exc).strip().splitlines()[0]})")
         retry = RetryRule(max_attempts, retry_failed or full)
         plans = {h.name: _plan_head(con, i, h, has_state, unit_docs, full, retry) for i, h in enumerate(heads)}

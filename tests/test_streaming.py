@@ -89,3 +89,23 @@ def test_a_staged_input_unit_names_the_corpus_rows_of_its_positions():
                     source="news.parquet", source_rows=(4005, 4007, 4100))
     assert [unit.source_row(r) for r in unit.rows] == [4005, 4007, 4100]
     assert unit.unit_id == "news.parquet:4005+3"
+
+
+def test_a_planner_out_of_memory_is_loud_not_a_bad_file(tmp_path):
+    """Running out of the planner's DuckDB memory is not the corpus file's fault: it must raise (and fail
+    the run), not come back as a file error that skips the file and writes nothing for it."""
+    import duckdb
+
+    from storage.plan import PlanHead, open_plan
+
+    path = tmp_path / "docs.parquet"
+    n = 200_000
+    pq.write_table(pa.table({"id": [f"doc-{i}" for i in range(n)],
+                             "text": [f"story {i} " + "word " * (i % 50) for i in range(n)]}), path)
+    heads = [PlanHead("a", None, (), "m-a"), PlanHead("b", None, (), "m-b")]
+    with pytest.raises(duckdb.OutOfMemoryException):
+        with open_plan(None, [str(path)], heads, "id", "text", 1000, memory_limit="8MB",
+                       temp_directory=str(tmp_path / "spill")) as plan:
+            assert not plan.errors, plan.errors  # main: the file comes back as "cannot be planned"
+    with open_plan(None, [str(path)], heads, "id", "text", 1000, memory_limit="1GB") as plan:
+        assert plan.errors == [] and plan.heads["a"].to_infer == n
