@@ -141,6 +141,11 @@ class PipelineKeys(Keys):
     max_units_in_flight: Annotated[int, Field(ge=1)] | None = None
     """work units submitted and not yet loaded, all heads of a level together (default: 2 per worker); units
     are read from the plan as room frees up, so memory does not grow with the corpus"""
+    memory_limit: Annotated[str, Field(pattern=r"^\s*\d+(\.\d+)?\s*([KMGT]i?B)\s*$"),
+                            Expect("a size such as '512MB' or '2GB'")] = "1GB"
+    """DuckDB memory for planning the corpus (each document's id and fingerprint per head); beyond it
+    DuckDB spills to the run's staging folder, so a corpus of any size plans in bounded memory (more plans
+    faster)"""
     load_wait: Annotated[float, Field(ge=0)] = 600.0
     """seconds a run waits, with backoff, for the database file to load its staged packages after the last
     unit (and before a level reading upstream results) while another process holds the file; a run never

@@ -128,7 +128,8 @@ def process_corpus(config_path: str | None = None, corpus: str | None = None, da
             # process: units on the thread runner reuse it), before the run writes anything
             preview = preview_corpus(cfg.corpus, cfg.database, [[plan_heads[h.name] for h in level] for level in levels],
                                      cfg.id_column, cfg.text_column, cfg.unit_docs, full, cfg.max_attempts,
-                                     retry_failed, str(staging_dir(cfg.database, run_id, cfg.staging) / "plan-spill"))
+                                     retry_failed, str(staging_dir(cfg.database, run_id, cfg.staging) / "plan-spill"),
+                                     cfg.memory_limit)
             busy = _heads_with_work(levels, preview)
             load_models([h for h in cfg.heads if h.name in busy], cfg.max_resident_models)
         else:
@@ -159,7 +160,7 @@ def process_corpus(config_path: str | None = None, corpus: str | None = None, da
                     files, usable, level_plan, errors = plan_corpus(
                         cfg.corpus, cfg.database, [plan_heads[h.name] for h in level], cfg.id_column,
                         cfg.text_column, cfg.unit_docs, full, str(staging / "inputs"), cfg.max_attempts,
-                        retry_failed, str(staging / "plan-spill"))
+                        retry_failed, str(staging / "plan-spill"), cfg.memory_limit)
                     plans, docs_read = level_plan.heads, level_plan.rows_scanned
                 changed = changed or any(p.n_units for p in plans.values())  # later levels' previews are stale
                 if depth == 0:

@@ -233,8 +233,12 @@ def open_plan(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
                     f"INSERT INTO scan SELECT ?, file_row_number, {id_text(quote(id_column))}, {', '.join(exprs)} "
                     f"FROM {source}", [file_no, literal_path(path)])
             except duckdb.Error as exc:
-                if isinstance(exc, NOT_THE_FILES_FAULT):  # a fault of the machine or of this code: loud
-                    exc.add_note(f"while planning {path} (planner memory_limit {memory_limit or 'DuckDB default'})")
+                if isinstance(exc, duckdb.OutOfMemoryException):  # the machine's limit, not the file: loud
+                    raise duckdb.OutOfMemoryException(
+                        f"planning ran out of memory at {short_name(path)} (memory_limit {memory_limit or 'DuckDB default'}"
+                        f"): raise the config's memory_limit, or give the staging folder room to spill "
+                        f"({str(exc).strip().splitlines()[0]})") from exc
+                if isinstance(exc, NOT_THE_FILES_FAULT):  # a fault of this process or of DuckDB itself: loud
                     raise
                 errors.append(f"{path}: cannot be planned ({str(exc).strip().splitlines()[0]})")
         retry = RetryRule(max_attempts, retry_failed or full)

@@ -57,6 +57,8 @@ def test_check_a_good_config(project, capsys):
     ('corpus = "corpus"\ndatabase = "x.duckdb"\n[heads.topic]\ntask = "classification"\nmodel = "./missing"\n',
      "heads.topic.model: model folder not found"),
     ('corpus = "corpus"\ndatabase = "x.duckdb"\n[heads.topic\n', "invalid TOML"),
+    ('corpus = "corpus"\ndatabase = "x.duckdb"\nmemory_limit = "lots"\n[heads.topic]\ntask = "classification"\n'
+     'model = "{m}"\n', "memory_limit: expected a size such as '512MB' or '2GB', got str 'lots'"),
 ])
 def test_check_a_bad_config_is_exit_2_and_one_line(project, tiny_models, tmp_path, capsys, body, message):
     (tmp_path / "corpus").symlink_to(project / "corpus")

@@ -109,3 +109,28 @@ def test_a_planner_out_of_memory_is_loud_not_a_bad_file(tmp_path):
             assert not plan.errors, plan.errors  # main: the file comes back as "cannot be planned"
     with open_plan(None, [str(path)], heads, "id", "text", 1000, memory_limit="1GB") as plan:
         assert plan.errors == [] and plan.heads["a"].to_infer == n
+
+
+def test_a_run_whose_plan_runs_out_of_memory_fails_loudly_and_writes_no_file_error(tmp_path, tiny_models,
+                                                                                   prefect_harness, capsys):
+    """`memory_limit` reaches the planner; exhausting it is the machine's fault, not the file's: exit 1,
+    the traceback names it, and no file is reported bad nor any document failed."""
+    from taskheads.cli import main
+
+    (tmp_path / "corpus").mkdir()
+    n = 200_000
+    pq.write_table(pa.table({"id": list(range(n)), "text": [f"story {i} " + "word " * (i % 50) for i in range(n)]}),
+                   tmp_path / "corpus" / "a.parquet")
+    cfg = tmp_path / "pipeline.toml"
+    body = f'corpus = "{tmp_path / "corpus"}"\ndatabase = "{tmp_path / "results.duckdb"}"\n' \
+           f'[heads.topic]\ntask = "classification"\nmodel = "{tiny_models["classification"]}"\n'
+    cfg.write_text('memory_limit = "8MB"\n' + body)
+    assert main(["run", str(cfg), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "planning ran out of memory at a.parquet (memory_limit 8MB): raise the config's memory_limit" in err
+    assert "cannot be planned" not in err
+    import duckdb
+
+    with duckdb.connect(str(tmp_path / "results.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM failed_docs").fetchone() == (0,)
+        assert con.execute("SELECT count(*) FROM classifications").fetchone() == (0,)
