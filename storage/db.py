@@ -503,7 +503,8 @@ def _replace_docs(con, table: str, head: str, packages: Sequence[tuple[dict, dic
         # attempts in a row on the same text and model: the previous failure's count + 1
         con.execute(
             "CREATE OR REPLACE TEMP TABLE new_failed AS SELECT s.* REPLACE ("
-            "  CASE WHEN p.doc_id IS NOT NULL AND p.fingerprint IS NOT DISTINCT FROM s.fingerprint "
+            # fingerprints compare by their first 32 hex digits (what the planner stores; earlier versions: 64)
+            "  CASE WHEN p.doc_id IS NOT NULL AND left(p.fingerprint, 32) IS NOT DISTINCT FROM left(s.fingerprint, 32) "
             "  AND p.model_id = s.model_id THEN p.attempts + 1 ELSE 1 END::INTEGER AS attempts) "
             "FROM staged_failed s LEFT JOIN (SELECT doc_id, fingerprint, model_id, coalesce(max(attempts), 1) "
             "  AS attempts FROM failed_docs WHERE head = ? AND stage <> 'plan' AND doc_id IS NOT NULL "

@@ -109,6 +109,25 @@ def _fingerprint_sql(text: str, text_is_string: bool, extras: Sequence[str], pre
     return "sha256(" + " || chr(0) || ".join(parts) + ")"
 
 
+def fingerprint_halves(hex_sql: str, name: str) -> str:
+    """A fingerprint's first 128 bits (32 hex digits) as two UBIGINT columns `<name>_hi`, `<name>_lo`: 16 bytes a
+    row instead of a 64-character string, so plans of millions of documents sort, join and spill narrow.
+    Stored fingerprints are these 32 digits (`fingerprint_text`); the 64-digit ones of earlier versions
+    compare by their first 32. A value that is not hex (NULL included) gives NULLs: never unchanged."""
+    return ", ".join(f"TRY_CAST('0x' || substr({hex_sql}, {start}, 16) AS UBIGINT) AS {name}_{half}"
+                     for start, half in ((1, "hi"), (17, "lo")))
+
+
+def fingerprint_text(name: str) -> str:
+    """The stored form (32 lower-case hex digits) of fingerprint halves `<name>_hi`, `<name>_lo`."""
+    return f"CASE WHEN {name}_hi IS NOT NULL THEN printf('%016x%016x', {name}_hi, {name}_lo) END"
+
+
+def _same(a: str, b: str) -> str:
+    """SQL: fingerprints `a` and `b` (halves) are the same (NULL halves: only with NULL)."""
+    return f"({a}_hi IS NOT DISTINCT FROM {b}_hi AND {a}_lo IS NOT DISTINCT FROM {b}_lo)"
+
+
 def create_upstream(con, upstream: Mapping[str, ResultTable]) -> None:
     """Temp tables up_0, up_1 ...: (doc_id, struct) per upstream head {name: result table}, read from
     the database attached as `results`."""
@@ -148,7 +167,8 @@ class LevelPlan:
         staged = self._staged.get(head)
         for lo in range(0, n, chunk):
             rows = self.con.execute(
-                f"SELECT unit_no, file_no, row, doc_id, fp, conflict, first_file, first_row, pos, file_staged "
+                f"SELECT unit_no, file_no, row, doc_id, {fingerprint_text('fp')}, conflict, first_file, first_row, pos, "
+                f"file_staged "
                 f"FROM work_{i} WHERE unit_no >= ? AND unit_no < ? ORDER BY unit_no, row", [lo, lo + chunk]).fetchall()
             for _, items in groupby(rows, key=lambda r: r[0]):
                 yield self._unit(list(items), staged)
@@ -215,23 +235,30 @@ def open_plan(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
             raise RuntimeError(f"upstream heads {', '.join(upstream)} have no results database yet")
         create_upstream(con, upstream)
         source = source_sql("read_parquet(?, file_row_number = true)", list(upstream), id_column)
-        cols = ", ".join(f"fp_{i} VARCHAR, r_{i} BOOLEAN" for i in range(len(heads)))
+        # heads reading the same text and extra columns share one fingerprint column (hashed once)
+        read = list(dict.fromkeys((h.input, h.extra_columns) for h in heads))
+        fp_of = [read.index((h.input, h.extra_columns)) for h in heads]
+        cols = ", ".join([f"fp_{k}_hi UBIGINT, fp_{k}_lo UBIGINT" for k in range(len(read))]
+                         + [f"r_{i} BOOLEAN" for i in range(len(heads))])
         con.execute(f"CREATE TEMP TABLE scan (file_no INTEGER, row BIGINT, doc_id VARCHAR, {cols})")
         for file_no, path in enumerate(files):
             schema = pq.read_schema(path)
             present = set(schema.names)
             text_type = schema.field(text_column).type
             is_string = str(text_type) in ("string", "large_string", "string_view")
-            exprs = []
+            exprs, narrow = [], []
+            for k, (upstream_input, extras) in enumerate(read):
+                text = f"{quote(upstream_input)}.text" if upstream_input else quote(text_column)
+                exprs.append(_fingerprint_sql(text, is_string or bool(upstream_input), extras, present) + f" AS fp_{k}")
+                narrow.append(fingerprint_halves(f"fp_{k}", f"fp_{k}"))
             for i, h in enumerate(heads):
-                text = f"{quote(h.input)}.text" if h.input else quote(text_column)
-                exprs.append(_fingerprint_sql(text, is_string or bool(h.input), h.extra_columns, present)
-                             + f" AS fp_{i}")
                 exprs.append(f"coalesce({routing[h.name]}, false) AS r_{i}" if h.where else f"true AS r_{i}")
+                narrow.append(f"r_{i}")
             try:
                 con.execute(
-                    f"INSERT INTO scan SELECT ?, file_row_number, {id_text(quote(id_column))}, {', '.join(exprs)} "
-                    f"FROM {source}", [file_no, literal_path(path)])
+                    f"INSERT INTO scan SELECT file_no, row, doc_id, {', '.join(narrow)} FROM ("
+                    f"SELECT ? AS file_no, file_row_number AS row, {id_text(quote(id_column))} AS doc_id, "
+                    f"{', '.join(exprs)} FROM {source})", [file_no, literal_path(path)])
             except duckdb.Error as exc:
                 if isinstance(exc, duckdb.OutOfMemoryException):  # the machine's limit, not the file: loud
                     raise duckdb.OutOfMemoryException(
@@ -242,7 +269,7 @@ def open_plan(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
                     raise
                 errors.append(f"{path}: cannot be planned ({str(exc).strip().splitlines()[0]})")
         retry = RetryRule(max_attempts, retry_failed or full)
-        plans = {h.name: _plan_head(con, i, h, has_state, unit_docs, full, retry) for i, h in enumerate(heads)}
+        plans = {h.name: _plan_head(con, i, fp_of[i], h, has_state, unit_docs, full, retry) for i, h in enumerate(heads)}
         (rows_scanned,) = con.execute("SELECT count(*) FROM scan").fetchone()
         con.execute("DROP TABLE scan")
         staged: dict[str, dict[int, str]] = {}
@@ -353,41 +380,57 @@ def _stage_inputs(con, i: int, head: PlanHead, files: Sequence[str], source: str
     return staged
 
 
-def _plan_head(con, i: int, head: PlanHead, has_state: bool, unit_docs: int, full: bool,
+def _plan_head(con, i: int, fp: int, head: PlanHead, has_state: bool, unit_docs: int, full: bool,
                retry: RetryRule = RetryRule()) -> HeadPlan:
-    """Classify the head's routed rows (table `classified`), then number the ones to infer into units
-    (table `work_<i>`, ordered by unit); returns the counts."""
+    """Classify the head's routed rows (routing `r_<i>`, fingerprint `fp_<fp>` of the scan) into table
+    `classified`, then number the ones to infer into units (table `work_<i>`, ordered by unit); returns
+    the counts.
+
+    Narrow on purpose, for corpora of millions: fingerprints are two integers, only ids that occur more
+    than once are sorted (to find their first occurrence), and only the head's current models' states
+    are joined."""
     if has_state:
-        state_join = ("LEFT JOIN results.doc_state d ON d.head = $head AND d.doc_id = s.doc_id AND d.status = 'done' "
+        state_join = (f"LEFT JOIN (SELECT doc_id, {fingerprint_halves('fingerprint', 'fp')} FROM results.doc_state "
+                      "  WHERE head = $head AND status = 'done' AND list_contains($models, model_id)) d "
+                      "ON d.doc_id = s.doc_id "
                       # the document's last failed attempt (plan-stage rows are about other occurrences)
-                      "LEFT JOIN (SELECT doc_id, fingerprint, model_id, kind, coalesce(attempts, 1) AS attempts "
+                      f"LEFT JOIN (SELECT doc_id, {fingerprint_halves('fingerprint', 'fp')}, model_id, kind, "
+                      "  coalesce(attempts, 1) AS attempts "
                       "  FROM results.failed_docs WHERE head = $head AND stage <> 'plan' AND doc_id IS NOT NULL "
                       "  QUALIFY row_number() OVER (PARTITION BY doc_id ORDER BY attempts DESC) = 1) f "
                       "ON f.doc_id = s.doc_id")
     else:
-        state_join = ("LEFT JOIN (SELECT NULL::VARCHAR AS doc_id, NULL::VARCHAR AS fingerprint, NULL::VARCHAR AS model_id) d "
-                      "ON false LEFT JOIN (SELECT NULL::VARCHAR AS doc_id, NULL::VARCHAR AS fingerprint, "
+        state_join = ("LEFT JOIN (SELECT NULL::VARCHAR AS doc_id, NULL::UBIGINT AS fp_hi, NULL::UBIGINT AS fp_lo) d "
+                      "ON false LEFT JOIN (SELECT NULL::VARCHAR AS doc_id, NULL::UBIGINT AS fp_hi, NULL::UBIGINT AS fp_lo, "
                       "NULL::VARCHAR AS model_id, NULL::VARCHAR AS kind, NULL::INTEGER AS attempts) f ON false")
     models = [head.model_id, *head.aliases]
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE classified AS
-        WITH routed AS (
-            SELECT file_no, row, doc_id, fp_{i} AS fp,
+        WITH repeated AS (  -- ids seen more than once: only their rows are ordered to find the first
+            SELECT doc_id FROM scan WHERE r_{i} AND doc_id IS NOT NULL GROUP BY doc_id HAVING count(*) > 1
+        ), occurrences AS (
+            SELECT file_no, row,
                    row_number() OVER w AS occurrence,
-                   first_value(fp_{i}) OVER w AS first_fp,
+                   first_value(fp_{fp}_hi) OVER w AS first_fp_hi,
+                   first_value(fp_{fp}_lo) OVER w AS first_fp_lo,
                    first_value(file_no) OVER w AS first_file,
                    first_value(row) OVER w AS first_row
-            FROM scan WHERE r_{i}
+            FROM scan SEMI JOIN repeated USING (doc_id) WHERE r_{i}
             WINDOW w AS (PARTITION BY doc_id ORDER BY file_no, row)
+        ), routed AS (
+            SELECT s.file_no, s.row, s.doc_id, s.fp_{fp}_hi AS fp_hi, s.fp_{fp}_lo AS fp_lo,
+                   coalesce(o.occurrence, 1) AS occurrence, o.first_fp_hi, o.first_fp_lo,
+                   coalesce(o.first_file, s.file_no) AS first_file, coalesce(o.first_row, s.row) AS first_row
+            FROM scan s LEFT JOIN occurrences o ON o.file_no = s.file_no AND o.row = s.row
+            WHERE s.r_{i}
         ), judged AS (
-            SELECT s.file_no, s.row, s.doc_id, s.fp,
-                   CASE WHEN s.doc_id IS NULL OR s.occurrence = 1 THEN 'first'
-                        WHEN s.fp IS NOT DISTINCT FROM s.first_fp THEN 'repeat'
+            SELECT s.file_no, s.row, s.doc_id, s.fp_hi, s.fp_lo,
+                   CASE WHEN s.occurrence = 1 THEN 'first'
+                        WHEN {_same('s.fp', 's.first_fp')} THEN 'repeat'
                         ELSE 'conflict' END AS kind,
                    s.first_file, s.first_row,
-                   coalesce(s.fp IS NOT NULL AND d.fingerprint = s.fp AND list_contains($models, d.model_id), false)
-                     AS unchanged,
-                   coalesce(f.fingerprint IS NOT DISTINCT FROM s.fp AND list_contains($models, f.model_id), false)
+                   coalesce(s.fp_hi IS NOT NULL AND d.fp_hi = s.fp_hi AND d.fp_lo = s.fp_lo, false) AS unchanged,
+                   coalesce({_same('f.fp', 's.fp')} AND list_contains($models, f.model_id), false)
                      AS failed_before,
                    coalesce(f.kind = 'terminal' OR f.attempts >= $max_attempts, false) AS retries_spent
             FROM routed s {state_join}
@@ -405,7 +448,7 @@ def _plan_head(con, i: int, head: PlanHead, has_state: bool, unit_docs: int, ful
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE work_{i} AS
         WITH todo AS (
-            SELECT file_no, row, doc_id, fp, kind = 'conflict' AS conflict, first_file, first_row
+            SELECT file_no, row, doc_id, fp_hi, fp_lo, kind = 'conflict' AS conflict, first_file, first_row
             FROM classified WHERE kind = 'conflict' OR (kind = 'first' AND (NOT unchanged OR $full) AND NOT held)
         ), numbered AS (
             SELECT *, (row_number() OVER (PARTITION BY file_no ORDER BY row) - 1) // $unit_docs AS unit_in_file,
@@ -413,8 +456,8 @@ def _plan_head(con, i: int, head: PlanHead, has_state: bool, unit_docs: int, ful
                    bool_or(NOT conflict) OVER (PARTITION BY file_no) AS file_staged
             FROM todo
         )
-        SELECT (dense_rank() OVER (ORDER BY file_no, unit_in_file) - 1)::BIGINT AS unit_no, file_no, row, doc_id, fp,
-               conflict, first_file, first_row, pos, file_staged
+        SELECT (dense_rank() OVER (ORDER BY file_no, unit_in_file) - 1)::BIGINT AS unit_no, file_no, row, doc_id,
+               fp_hi, fp_lo, conflict, first_file, first_row, pos, file_staged
         FROM numbered ORDER BY unit_no, row""", {"full": full, "unit_docs": unit_docs})
     con.execute("DROP TABLE classified")
     to_infer, conflicts, n_units = con.execute(

@@ -27,6 +27,35 @@ def test_corpus_files_file_folder_glob(tmp_path):
         corpus_files(str(tmp_path / "none-*.parquet"))
 
 
+def test_fingerprints_are_sha256_prefixes_and_earlier_full_ones_still_count_as_unchanged(tmp_path):
+    """The planner keeps fingerprints narrow (the first 128 bits of sha256, stored as 32 hex digits) and
+    hashes a text once for every head reading it; a database written with the earlier 64-digit ones
+    reruns with nothing to do, and a changed text or a value that is not hex is still work."""
+    import hashlib
+
+    path = tmp_path / "a.parquet"
+    texts = ["alpha", "beta", "gamma", "delta"]
+    pq.write_table(pa.table({"id": [1, 2, 3, 4], "text": texts, "q": ["x", "y", "z", "w"]}), path)
+    heads = [PlanHead("a", None, (), "m1"), PlanHead("b", None, (), "m1"), PlanHead("c", None, ("q",), "m1")]
+    plans, _, _ = plan_work(None, [str(path)], heads, "id", "text", unit_docs=10)
+    full = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+    assert plans["a"].units[0].fingerprints == plans["b"].units[0].fingerprints == tuple(f[:32] for f in full)
+    with_q = [hashlib.sha256(f"{t}\0{q}".encode()).hexdigest()[:32] for t, q in zip(texts, "xyzw")]
+    assert plans["c"].units[0].fingerprints == tuple(with_q)
+
+    database = str(tmp_path / "r.duckdb")
+    db.ensure_schema(database, tables=TABLES)
+    stored = {"a": full, "b": [f[:32] for f in full], "c": [hashlib.sha256(b"other").hexdigest(), "not hex at all",
+                                                          with_q[2], with_q[3]]}
+    with duckdb.connect(database) as con:
+        for head, fps in stored.items():
+            for doc_id, fp in zip("1234", fps):
+                con.execute("INSERT INTO doc_state VALUES (?, ?, ?, 'm1', 'r0', 'done', now())", [head, doc_id, fp])
+    plans, _, _ = plan_work(database, [str(path)], heads, "id", "text", unit_docs=10)
+    assert [(plans[h].unchanged, plans[h].to_infer) for h in "abc"] == [(4, 0), (4, 0), (2, 2)]
+    assert plans["c"].units[0].rows == (0, 1)
+
+
 def test_check_files_names_bad_files_and_read_docs_reads_exact_rows(tmp_path):
     good = tmp_path / "good.parquet"
     pq.write_table(pa.table({"id": list(range(10)), "text": [f"t{i}" for i in range(10)]}), good, row_group_size=3)
