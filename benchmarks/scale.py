@@ -17,7 +17,10 @@ Per size, each measurement in its own process (peak RSS from getrusage of that c
   the corpus flow runs with nothing to do (a language head and an embedding head on
   all-MiniLM-L6-v2) - wall seconds of the process, seconds inside the flow, peak RSS - against an
   empty Prefect flow in the same kind of process (python -c, the ephemeral API of one Prefect home),
-  measured before and after it.
+  measured before and after it;
+- whole run (`run`, `--run-heads`, `--plan-memory-limit`): `taskheads run CONFIG --json` with the cheapest
+  real head (language on 16 characters; 1 or 3 heads), on an empty database, then again with nothing
+  to do - seconds and the CLI process's own peak RSS (VmHWM), the Prefect server's apart.
 """
 from __future__ import annotations
 
