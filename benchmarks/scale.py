@@ -79,14 +79,15 @@ def generate(folder: Path, n: int) -> float:
 PLAN = r"""
 import json, sys, time
 from storage.corpus import corpus_files
-from storage.plan import PlanHead, open_plan, plan_work, PLAN_MEMORY_LIMIT
+from core.config import PipelineKeys
+from storage.plan import PlanHead, open_plan, plan_work
 corpus, mode, spill, limit = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 files = corpus_files(corpus)
 heads = [PlanHead("lang", None, (), "m-lang"), PlanHead("topic", "section = 'business'", (), "m-topic")]
 t0 = time.perf_counter()
 units = 0
 if mode == "stream":
-    with open_plan(None, files, heads, "id", "text", 2000, memory_limit=limit or PLAN_MEMORY_LIMIT, temp_directory=spill) as p:
+    with open_plan(None, files, heads, "id", "text", 2000, memory_limit=limit or PipelineKeys.model_fields["memory_limit"].default, temp_directory=spill) as p:
         for h in heads:
             for u in p.units(h.name):
                 units += 1
@@ -287,7 +288,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="100000,1000000")
     ap.add_argument("--work", default="/tmp/taskheads-scale")
     ap.add_argument("--plan-memory-limit", default="", help="plan, run: DuckDB memory_limit of the "
-                    "planner (default storage.plan.PLAN_MEMORY_LIMIT; the config key memory_limit)")
+                    "planner (default: the config key memory_limit's)")
     ap.add_argument("--skip", default="", help="comma list of: plan,lists,load,rerun,run,loadinto")
     ap.add_argument("--run-heads", default="1,3", help="run: heads per whole run (language heads; the second is "
                     "routed by a where)")

@@ -46,8 +46,6 @@ from .sandbox import check_expression, literal_path, sandboxed_connection
 from .schema import upstream_sql
 
 
-# the planning connection's buffer pool; beyond it DuckDB spills to the run's staging folder
-PLAN_MEMORY_LIMIT = "1GB"
 # errors of a file's scan that are not the file's fault (memory, interrupts, DuckDB's own bugs): they fail
 # the run instead of naming the file as unplannable and running the rest without it
 NOT_THE_FILES_FAULT = (duckdb.OutOfMemoryException, duckdb.InterruptException, duckdb.FatalException,

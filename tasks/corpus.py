@@ -5,13 +5,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage.corpus import check_files, corpus_files
-from storage.plan import PLAN_MEMORY_LIMIT, PlanHead, open_plan, preview_open
+from storage.plan import PlanHead, open_plan, preview_open
 
 
 @task(name="plan-corpus", cache_policy=NO_CACHE)
 def plan_corpus(corpus: str, database: str, heads: list[PlanHead], id_column: str, text_column: str,
                 unit_docs: int, full: bool, inputs_dir: str | None = None, max_attempts: int = 3,
-                retry_failed: bool = False, spill_dir: str | None = None, memory_limit: str = PLAN_MEMORY_LIMIT):
+                retry_failed: bool = False, spill_dir: str | None = None, memory_limit: str | None = None):
     """Returns (files, usable files, the open LevelPlan, one error line per unusable file); the plan's
     units are read as they are submitted (close it after the level)."""
     files = corpus_files(corpus)
@@ -24,7 +24,7 @@ def plan_corpus(corpus: str, database: str, heads: list[PlanHead], id_column: st
 @task(name="preview-corpus", cache_policy=NO_CACHE)
 def preview_corpus(corpus: str, database: str, levels: list[list[PlanHead]], id_column: str, text_column: str,
                    unit_docs: int, full: bool, max_attempts: int = 3, retry_failed: bool = False,
-                   spill_dir: str | None = None, memory_limit: str = PLAN_MEMORY_LIMIT) -> list:
+                   spill_dir: str | None = None, memory_limit: str | None = None) -> list:
     """Plan every level against the database as it is, reading only: per level (files, usable files,
     plans per head, rows scanned, error lines, the open LevelPlan of the first level else None), or
     None for a level whose upstream results cannot be read yet (its heads are planned after their

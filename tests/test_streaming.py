@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -94,8 +95,6 @@ def test_a_staged_input_unit_names_the_corpus_rows_of_its_positions():
 def test_a_planner_out_of_memory_is_loud_not_a_bad_file(tmp_path):
     """Running out of the planner's DuckDB memory is not the corpus file's fault: it must raise (and fail
     the run), not come back as a file error that skips the file and writes nothing for it."""
-    import duckdb
-
     from storage.plan import PlanHead, open_plan
 
     path = tmp_path / "docs.parquet"
@@ -129,8 +128,6 @@ def test_a_run_whose_plan_runs_out_of_memory_fails_loudly_and_writes_no_file_err
     err = capsys.readouterr().err
     assert "planning ran out of memory at a.parquet (memory_limit 8MB): raise the config's memory_limit" in err
     assert "cannot be planned" not in err
-    import duckdb
-
     with duckdb.connect(str(tmp_path / "results.duckdb"), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM failed_docs").fetchone() == (0,)
         assert con.execute("SELECT count(*) FROM classifications").fetchone() == (0,)
