@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from core.errors import ConfigError
+from core.memory import hand_back_freed, keep_memory_flat
 from core.progress import emit
 from pipeline.config import load_config, parse_config
 from pipeline.preflight import preflight
@@ -101,6 +102,7 @@ def process_corpus(config_path: str | None = None, corpus: str | None = None, da
     none).
     """
     started = time.perf_counter()
+    keep_memory_flat()
     if config is not None:
         cfg = parse_config(config, Path.cwd(), source=config_path)
     elif config_path is not None:
@@ -238,6 +240,8 @@ class _Loader:
     def load(self, wait_seconds: float) -> bool:
         """Apply what waits, waiting up to `wait_seconds` for the file; True when nothing waits any more."""
         got = load_staged(self.cfg.database, self.s.run_id, self.cfg.staging, wait_seconds)
+        if got["packages"]:
+            hand_back_freed()
         self.recovered += got["recovered_rows"]
         self.packages += got["packages"]
         for head, rows in got["rows"].items():

@@ -158,6 +158,30 @@ def attach_read_only(con: duckdb.DuckDBPyConnection, database: str, name: str = 
             delay = min(delay * 2, 1.0)
 
 
+# what one scanning thread holds at once (a Parquet row group of text, decompressed, and its hashes): measured on
+# 122,880-row groups of news text, 128MB ran out of memory with two threads and planned with one
+MEMORY_PER_THREAD = 96_000_000  # 96MB, as the config writes sizes
+
+
+def bound_memory(con: duckdb.DuckDBPyConnection, memory_limit: str) -> None:
+    """Cap the connection's memory at `memory_limit` (its buffer pool; beyond it DuckDB spills to its
+    temp_directory), with as many threads as that memory holds (at least one, at most the machine's), and
+    freed memory handed back to the system at once instead of kept up to DuckDB's 128MB flush threshold: the
+    process's peak then follows the limit, not the corpus."""
+    con.execute("SET memory_limit = ?", [memory_limit])
+    (limit,) = con.execute("SELECT value FROM duckdb_settings() WHERE name = 'memory_limit'").fetchone()
+    (threads,) = con.execute("SELECT current_setting('threads')").fetchone()
+    con.execute(f"SET threads = {max(1, min(int(threads), _bytes(limit) // MEMORY_PER_THREAD))}")
+    con.execute("SET allocator_flush_threshold = '16MiB'")
+    con.execute("SET allocator_bulk_deallocation_flush_threshold = '16MiB'")
+
+
+def _bytes(size: str) -> int:
+    """DuckDB's printed size ('96.0 MiB', '1.8 GiB') in bytes."""
+    number, unit = size.split()
+    return int(float(number) * {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}[unit])
+
+
 def sandboxed_connection(read_files: Sequence[str] = (), database: str | None = None,
                          wait_seconds: float = 30.0, memory_limit: str | None = None,
                          temp_directory: str | None = None) -> duckdb.DuckDBPyConnection:
@@ -167,7 +191,7 @@ def sandboxed_connection(read_files: Sequence[str] = (), database: str | None = 
     con = duckdb.connect()
     try:
         if memory_limit:
-            con.execute("SET memory_limit = ?", [memory_limit])
+            bound_memory(con, memory_limit)
         if temp_directory:
             con.execute("SET temp_directory = ?", [temp_directory])
         from . import lake

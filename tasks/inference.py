@@ -19,6 +19,7 @@ from storage.corpus import read_docs
 from storage.plan import WorkUnit
 from storage.staging import stage_shard
 from core.faults import checkpoint
+from core.memory import keep_memory_flat
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ def infer_unit(unit: WorkUnit, head_cfg, id_column: str, text_column: str, run_i
                staging: str, max_resident_models: int = 0, lake: str | None = None) -> UnitOutcome:
     """`lake`: the results lake (storage.lake), into which this task commits its own package once staged,
     so the flow's one loader is no ceiling when units run on many workers; it only sweeps what is left."""
+    keep_memory_flat()  # a Dask worker's process too
     with using_head(head_cfg, max_resident_models) as head:
         out = _infer(head, unit, head_cfg, id_column, text_column, run_id, model_id, staging)
     if lake:
