@@ -144,8 +144,8 @@ class PipelineKeys(Keys):
     memory_limit: Annotated[str, Field(pattern=r"^\s*\d+(\.\d+)?\s*([KMGT]i?B)\s*$"),
                             Expect("a size such as '512MB' or '2GB'")] = "1GB"
     """DuckDB memory for planning the corpus (each document's id and fingerprint per head); beyond it
-    DuckDB spills to the run's staging folder, so a corpus of any size plans in bounded memory (more plans
-    faster)"""
+    DuckDB spills to the run's staging folder, so a corpus of any size plans in bounded memory. The planner
+    scans with one thread per 96MB of it (more plans faster; below 96MB large row groups run out)"""
     load_wait: Annotated[float, Field(ge=0)] = 600.0
     """seconds a run waits, with backoff, for the database file to load its staged packages after the last
     unit (and before a level reading upstream results) while another process holds the file; a run never

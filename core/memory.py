@@ -28,9 +28,8 @@ def _libc():
         return None
 
 
-@functools.cache
 def keep_memory_flat() -> None:
-    """Arrow on the system allocator, glibc limited to two arenas (once per process)."""
+    """Arrow on the system allocator, glibc limited to two arenas (cheap: called by each run and unit)."""
     pa.set_memory_pool(pa.system_memory_pool())
     if (libc := _libc()) is not None:
         libc.mallopt(_M_ARENA_MAX, 2)

@@ -2,6 +2,8 @@
 writing anything (the planner reads the database read-only; model ids come from the files)."""
 from __future__ import annotations
 
+import tempfile
+
 from heads.identity import file_identity
 from heads.registry import head_class
 from storage.corpus import check_files, corpus_files
@@ -22,8 +24,10 @@ def preview(cfg: PipelineConfig, full: bool = False, retry_failed: bool = False)
                                                                            for u in cfg.upstream(h)),
                                       input=h.input, aliases=(identity["legacy_model_id"],))
     good, _ = check_files(corpus_files(cfg.corpus), [cfg.id_column, cfg.text_column])
-    planned = preview_levels(cfg.database, good, [[plan_heads[h.name] for h in level] for level in levels],
-                             cfg.id_column, cfg.text_column, cfg.unit_docs, full, cfg.max_attempts, retry_failed)
+    with tempfile.TemporaryDirectory(prefix="taskheads-plan-") as spill:  # writes nothing that stays
+        planned = preview_levels(cfg.database, good, [[plan_heads[h.name] for h in level] for level in levels],
+                                 cfg.id_column, cfg.text_column, cfg.unit_docs, full, cfg.max_attempts, retry_failed,
+                                 memory_limit=cfg.memory_limit, temp_directory=spill)
     rates = last_throughput(cfg.database)
     rows = []
     for level, known in zip(levels, planned):

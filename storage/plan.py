@@ -299,18 +299,19 @@ def _live_aliases(con, head: PlanHead) -> tuple[str, ...]:
 
 def plan_counts(database: str | None, files: Sequence[str], heads: Sequence[PlanHead], id_column: str,
                 text_column: str, unit_docs: int, full: bool = False, max_attempts: int = 3,
-                retry_failed: bool = False) -> tuple[dict[str, HeadPlan], int, list[str]]:
+                retry_failed: bool = False, memory_limit: str | None = None, temp_directory: str | None = None
+                ) -> tuple[dict[str, HeadPlan], int, list[str]]:
     """The counts of `open_plan` (no unit read, no input staged, nothing written): (plans, rows scanned,
     file error lines)."""
     with open_plan(database, files, heads, id_column, text_column, unit_docs, full, None, max_attempts,
-                   retry_failed) as plan:
+                   retry_failed, memory_limit=memory_limit, temp_directory=temp_directory) as plan:
         return plan.heads, plan.rows_scanned, plan.errors
 
 
 def preview_levels(database: str | None, files: Sequence[str], levels: Sequence[Sequence[PlanHead]], id_column: str,
                    text_column: str, unit_docs: int, full: bool = False, max_attempts: int = 3,
-                   retry_failed: bool = False, tolerant: bool = False
-                   ) -> list[tuple[dict[str, HeadPlan], int, list[str]] | None]:
+                   retry_failed: bool = False, tolerant: bool = False, memory_limit: str | None = None,
+                   temp_directory: str | None = None) -> list[tuple[dict[str, HeadPlan], int, list[str]] | None]:
     """`plan_counts` of each level against the database as it is (read-only): None for a level below
     the first whose upstream results cannot be read yet (it is planned once its upstream loads), and
     with `tolerant` for any level that cannot be planned now (e.g. a database the run will migrate)."""
@@ -318,7 +319,9 @@ def preview_levels(database: str | None, files: Sequence[str], levels: Sequence[
     for depth, heads in enumerate(levels):
         try:
             out.append(plan_counts(database, files, heads, id_column, text_column, unit_docs, full, max_attempts,
-                                   retry_failed))
+                                   retry_failed, memory_limit, temp_directory))
+        except NOT_THE_FILES_FAULT:
+            raise
         except (RuntimeError, duckdb.Error):
             if depth == 0 and not tolerant:
                 raise
@@ -337,10 +340,13 @@ def preview_open(database: str | None, files: Sequence[str], levels: Sequence[Se
         first = open_plan(database, files, levels[0], id_column, text_column, unit_docs, full, None, max_attempts,
                           retry_failed, memory_limit=memory_limit, temp_directory=temp_directory)
         out: list = [(first.heads, first.rows_scanned, first.errors, first)]
+    except NOT_THE_FILES_FAULT:
+        raise
     except (RuntimeError, duckdb.Error):
         out = [None]
     later = preview_levels(database, files, levels[1:], id_column, text_column, unit_docs, full, max_attempts,
-                           retry_failed, tolerant=True) if len(levels) > 1 else []
+                           retry_failed, tolerant=True, memory_limit=memory_limit,
+                           temp_directory=temp_directory) if len(levels) > 1 else []
     return out + [None if known is None else (*known, None) for known in later]
 
 

@@ -168,3 +168,24 @@ def test_a_run_keeps_arrow_on_the_system_allocator(tmp_path, tiny_models, prefec
         assert pa.default_memory_pool().backend_name == "system"
     finally:
         pa.set_memory_pool(pa.mimalloc_memory_pool())
+
+
+def test_plan_only_plans_within_memory_limit_too(tmp_path, tiny_models, capsys):
+    """`--plan-only` plans the same corpus as the run, so the config's memory_limit bounds it too (and it spills
+    to a folder of its own, removed after: it writes nothing)."""
+    from taskheads.cli import main
+
+    (tmp_path / "corpus").mkdir()
+    n = 200_000
+    pq.write_table(pa.table({"id": list(range(n)), "text": [f"story {i} " + "word " * (i % 50) for i in range(n)]}),
+                   tmp_path / "corpus" / "a.parquet")
+    cfg = tmp_path / "pipeline.toml"
+    body = f'corpus = "{tmp_path / "corpus"}"\ndatabase = "{tmp_path / "results.duckdb"}"\n' \
+           f'[heads.topic]\ntask = "classification"\nmodel = "{tiny_models["classification"]}"\n'
+    cfg.write_text('memory_limit = "8MB"\n' + body)
+    assert main(["run", str(cfg), "--plan-only"]) == 1
+    assert "planning ran out of memory at a.parquet (memory_limit 8MB)" in capsys.readouterr().err
+    cfg.write_text('memory_limit = "256MB"\n' + body)
+    assert main(["run", str(cfg), "--plan-only"]) == 0
+    assert f"topic: routed {n}, unchanged 0, to infer {n}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "hash-cache", "pipeline.toml"]  # the fixture's
