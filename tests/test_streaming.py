@@ -110,12 +110,9 @@ def test_a_planner_out_of_memory_is_loud_not_a_bad_file(tmp_path):
         assert plan.errors == [] and plan.heads["a"].to_infer == n
 
 
-def test_a_run_whose_plan_runs_out_of_memory_fails_loudly_and_writes_no_file_error(tmp_path, tiny_models,
-                                                                                   prefect_harness, capsys):
-    """`memory_limit` reaches the planner; exhausting it is the machine's fault, not the file's: exit 1,
-    the traceback names it, and no file is reported bad nor any document failed."""
-    from taskheads.cli import main
-
+def _planned_in(tmp_path, tiny_models, memory_limit: str):
+    """A 200,000-row corpus (more than 8MB of planner memory) and a config with `memory_limit`: (config file,
+    its body without the limit, rows)."""
     (tmp_path / "corpus").mkdir()
     n = 200_000
     pq.write_table(pa.table({"id": list(range(n)), "text": [f"story {i} " + "word " * (i % 50) for i in range(n)]}),
@@ -123,7 +120,17 @@ def test_a_run_whose_plan_runs_out_of_memory_fails_loudly_and_writes_no_file_err
     cfg = tmp_path / "pipeline.toml"
     body = f'corpus = "{tmp_path / "corpus"}"\ndatabase = "{tmp_path / "results.duckdb"}"\n' \
            f'[heads.topic]\ntask = "classification"\nmodel = "{tiny_models["classification"]}"\n'
-    cfg.write_text('memory_limit = "8MB"\n' + body)
+    cfg.write_text(f'memory_limit = "{memory_limit}"\n' + body)
+    return cfg, body, n
+
+
+def test_a_run_whose_plan_runs_out_of_memory_fails_loudly_and_writes_no_file_error(tmp_path, tiny_models,
+                                                                                   prefect_harness, capsys):
+    """`memory_limit` reaches the planner; exhausting it is the machine's fault, not the file's: exit 1,
+    the traceback names it, and no file is reported bad nor any document failed."""
+    from taskheads.cli import main
+
+    cfg, _, _ = _planned_in(tmp_path, tiny_models, "8MB")
     assert main(["run", str(cfg), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "planning ran out of memory at a.parquet (memory_limit 8MB): raise the config's memory_limit" in err
@@ -175,14 +182,7 @@ def test_plan_only_plans_within_memory_limit_too(tmp_path, tiny_models, capsys):
     to a folder of its own, removed after: it writes nothing)."""
     from taskheads.cli import main
 
-    (tmp_path / "corpus").mkdir()
-    n = 200_000
-    pq.write_table(pa.table({"id": list(range(n)), "text": [f"story {i} " + "word " * (i % 50) for i in range(n)]}),
-                   tmp_path / "corpus" / "a.parquet")
-    cfg = tmp_path / "pipeline.toml"
-    body = f'corpus = "{tmp_path / "corpus"}"\ndatabase = "{tmp_path / "results.duckdb"}"\n' \
-           f'[heads.topic]\ntask = "classification"\nmodel = "{tiny_models["classification"]}"\n'
-    cfg.write_text('memory_limit = "8MB"\n' + body)
+    cfg, body, n = _planned_in(tmp_path, tiny_models, "8MB")
     assert main(["run", str(cfg), "--plan-only"]) == 1
     assert "planning ran out of memory at a.parquet (memory_limit 8MB)" in capsys.readouterr().err
     cfg.write_text('memory_limit = "256MB"\n' + body)
