@@ -29,8 +29,16 @@ def _libc():
 
 
 def keep_memory_flat() -> None:
-    """Arrow on the system allocator, glibc limited to two arenas (cheap: called by each run and unit)."""
-    pa.set_memory_pool(pa.system_memory_pool())
+    """Arrow on the system allocator, glibc limited to two arenas. Called by each run and each unit (a Dask
+    worker's process too): after the first call in a process it only reads Arrow's pool, never swaps it again
+    while other units' threads allocate from it."""
+    if pa.default_memory_pool().backend_name != "system":
+        pa.set_memory_pool(pa.system_memory_pool())
+    _limit_arenas()
+
+
+@functools.cache
+def _limit_arenas() -> None:
     if (libc := _libc()) is not None:
         libc.mallopt(_M_ARENA_MAX, 2)
 
