@@ -6,6 +6,10 @@ on, so the process grew with every unit (about 170MB over the run above what the
 keeps); glibc's allocator in turn keeps what DuckDB frees after a load, in one arena per thread. With
 the system allocator for Arrow, two arenas and a trim after each load, the run's memory stays near
 where it started. Process-wide on purpose: these are the settings of the process that runs the units.
+
+`set_memory_pool` reaches only what Python asks of Arrow: Arrow's C++ side (Parquet reads, kernels) takes
+the allocator named by ARROW_DEFAULT_MEMORY_POOL when libarrow loads, which `core` sets before any entry
+point imports pyarrow.
 """
 from __future__ import annotations
 

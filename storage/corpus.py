@@ -92,24 +92,34 @@ def check_files(files: Sequence[str], required: Sequence[str]) -> tuple[list[str
     return good, errors
 
 
+# rows decoded at a time when a unit reads its rows out of a larger row group
+READ_BATCH_ROWS = 4096
+
+
 def read_rows(path: str, rows: Sequence[int], columns: Sequence[str]) -> pa.Table:
-    """The given rows of a Parquet file (in the order given), reading only the row groups holding them."""
+    """The given rows of a Parquet file (in the order given), reading only the row groups holding them.
+
+    A group is decoded a batch at a time, keeping only the wanted rows and stopping after the last: a unit
+    of a few thousand rows in a group of ~123k holds about a batch in memory, not the decoded group."""
     pf = pq.ParquetFile(path)
     meta = pf.metadata
-    bounds, offset = [], 0
-    for g in range(meta.num_row_groups):
-        n = meta.row_group(g).num_rows
-        bounds.append((offset, offset + n))
-        offset += n
     wanted = sorted(set(rows))
-    groups = [g for g, (a, b) in enumerate(bounds) if _in_range(wanted, a, b)]
-    table = pf.read_row_groups(groups, columns=list(columns)) if groups else pf.schema_arrow.empty_table()
-    position, base = {}, 0  # file row number -> position in the concatenated row groups
-    for g in groups:
-        a, b = bounds[g]
-        for r in _in_range(wanted, a, b):
-            position[r] = base + (r - a)
-        base += b - a
+    kept, start = [], 0  # kept: the wanted rows, in file order
+    for g in range(meta.num_row_groups):
+        end = start + meta.row_group(g).num_rows
+        if here := _in_range(wanted, start, end):
+            at = start
+            for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[g], columns=list(columns),
+                                         use_threads=False):
+                if local := _in_range(here, at, at + batch.num_rows):
+                    kept.append(batch.take(pa.array([r - at for r in local], pa.int64())))
+                at += batch.num_rows
+                if at > here[-1]:
+                    break
+        start = end
+    schema = pa.schema([pf.schema_arrow.field(c) for c in columns])
+    table = pa.Table.from_batches(kept, kept[0].schema) if kept else schema.empty_table()
+    position = {r: i for i, r in enumerate(wanted)}
     return table.take(pa.array([position[r] for r in rows], pa.int64()))
 
 

@@ -11,6 +11,8 @@ called, and `Pipeline`, `Head`, `RunSummary`, `HeadSummary` are loaded on first 
 """
 from __future__ import annotations
 
+import core  # noqa: F401  (first: it picks Arrow's allocator before pyarrow loads)
+
 from .api import connect, load_config, results, run
 
 

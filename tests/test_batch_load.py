@@ -103,3 +103,27 @@ def test_a_batch_is_one_transaction(tmp_path, monkeypatch):
     con.close()
     monkeypatch.undo()
     assert db.load_staged(database, tables=TABLES).packages == 4
+
+
+def test_loads_write_row_groups_small_enough_to_compress_in_little_memory(tmp_path):
+    """Each load's checkpoint compresses the row group it appended to, whole: in DuckDB's default groups of
+    122,880 rows that took ~80MB per table once a group filled (a first run's peak memory then rose with
+    the corpus past ~123k documents). The loader's writes keep groups at 16,384 rows at most."""
+    database = str(tmp_path / "r.duckdb")
+    db.ensure_schema(database, tables=TABLES)
+    run = tmp_path / "r.duckdb.staging" / "r1"
+    for k in range(14):  # 140,000 documents (more than a group of DuckDB's), a package at a time as a run loads
+        run.mkdir(parents=True, exist_ok=True)  # (the loader clears a finished folder)
+        docs = [str(k * 10_000 + i) for i in range(10_000)]
+        stage_shard(run, f"s{k}", "topic", table("classifications"), "m", [_row(d, "a", "r1") for d in docs], [],
+                    [{"doc_id": d, "fingerprint": "fp-" + d, "status": "done"} for d in docs], "r1")
+        assert db.load_staged(database, tables=TABLES).packages == 1
+    con = duckdb.connect(database, read_only=True)
+    try:
+        for name in ("classifications", "doc_state"):
+            groups = con.execute("SELECT row_group_id, sum(count) FROM pragma_storage_info(?) WHERE column_id = 0 "
+                                 "AND segment_type <> 'VALIDITY' GROUP BY ALL", [name]).fetchall()
+            assert sum(n for _, n in groups) == 140_000, name
+            assert max(n for _, n in groups) <= 16_384, (name, groups)
+    finally:
+        con.close()
