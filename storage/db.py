@@ -62,28 +62,10 @@ def exists(database: str) -> bool:
 def _open_writable(path: str, new: bool) -> duckdb.DuckDBPyConnection:
     """The file attached read-write with ROW_GROUP_SIZE rows to a row group, as the default catalog (named
     after the file, as `duckdb.connect(path)` names it). ATTACH is the only way DuckDB takes the size."""
-    con = duckdb.connect()
-    try:
-        options = [f"ROW_GROUP_SIZE {ROW_GROUP_SIZE}"] + ([f"STORAGE_VERSION '{STORAGE_COMPATIBILITY}'"] if new else [])
-        con.execute(f"ATTACH {_literal(path)} AS {_identifier(_catalog_name(path))} ({', '.join(options)})")
-        con.execute(f"USE {_identifier(_catalog_name(path))}")
-    except BaseException:
-        con.close()
-        raise
-    return con
-
-
-def _catalog_name(path: str) -> str:
-    """What DuckDB names a database file's catalog: its name without the extension."""
-    return Path(path).name.split(".")[0] or "results"
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def _identifier(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+    name = '"' + (Path(path).name.split(".")[0] or "results").replace('"', '""') + '"'
+    options = [f"ROW_GROUP_SIZE {ROW_GROUP_SIZE}"] + ([f"STORAGE_VERSION '{STORAGE_COMPATIBILITY}'"] if new else [])
+    return lake.attached(lambda con: con.execute(f"ATTACH {lake.literal(path)} AS {name} ({', '.join(options)})"),
+                         name)
 
 
 def connect(path: str, read_only: bool = False, wait_seconds: float = 30.0,

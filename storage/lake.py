@@ -19,6 +19,7 @@ import re
 import sqlite3
 import time
 from pathlib import Path
+from typing import Callable
 
 import duckdb
 
@@ -113,7 +114,8 @@ def _load_extensions(con: duckdb.DuckDBPyConnection, kind: str) -> None:
         con.execute(f"LOAD {e}")
 
 
-def _literal(text: str) -> str:
+def literal(text: str) -> str:
+    """`text` as a SQL string literal (for statements that take no parameters: ATTACH)."""
     return "'" + text.replace("'", "''") + "'"
 
 
@@ -144,12 +146,12 @@ def attach(con: duckdb.DuckDBPyConnection, database: str, name: str = ALIAS, rea
         data_path = data_path or default_data_path(database)
     if data_path:
         absolute = data_path if "://" in data_path else str(Path(data_path).absolute())
-        options.append(f"DATA_PATH {_literal(absolute.rstrip('/') + '/')}")
+        options.append(f"DATA_PATH {literal(absolute.rstrip('/') + '/')}")
     if read_only or snapshot is not None:
         options.append("READ_ONLY")
     if snapshot is not None:
         options.append(f"SNAPSHOT_VERSION {int(snapshot)}")
-    sql = f"ATTACH {_literal(PREFIX + kind + ':' + target)} AS {name}" + (f" ({', '.join(options)})" if options else "")
+    sql = f"ATTACH {literal(PREFIX + kind + ':' + target)} AS {name}" + (f" ({', '.join(options)})" if options else "")
     delay, deadline = 0.05, time.monotonic() + 60
     while True:
         try:
@@ -172,10 +174,16 @@ def attach(con: duckdb.DuckDBPyConnection, database: str, name: str = ALIAS, rea
 def connect(database: str, read_only: bool = False, data_path: str | None = None,
             snapshot: int | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the lake attached and in use: `SELECT * FROM runs` reads the lake."""
+    return attached(lambda con: attach(con, database, read_only=read_only, data_path=data_path, snapshot=snapshot),
+                    ALIAS)
+
+
+def attached(attach_to: Callable[[duckdb.DuckDBPyConnection], None], name: str) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the database `attach_to` attaches as `name` in use (closed if that fails)."""
     con = duckdb.connect()
     try:
-        attach(con, database, read_only=read_only, data_path=data_path, snapshot=snapshot)
-        con.execute(f"USE {ALIAS}")
+        attach_to(con)
+        con.execute(f"USE {name}")
     except BaseException:
         con.close()
         raise
