@@ -117,8 +117,8 @@ def read_rows(path: str, rows: Sequence[int], columns: Sequence[str]) -> pa.Tabl
                 if at > here[-1]:
                     break
         start = end
-    schema = pa.schema([pf.schema_arrow.field(c) for c in columns])
-    table = pa.Table.from_batches(kept, kept[0].schema) if kept else schema.empty_table()
+    empty = pa.schema([pf.schema_arrow.field(c) for c in columns]).empty_table
+    table = pa.Table.from_batches(kept) if kept else empty()
     position = {r: i for i, r in enumerate(wanted)}
     return table.take(pa.array([position[r] for r in rows], pa.int64()))
 

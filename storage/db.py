@@ -27,6 +27,7 @@ from core.faults import checkpoint
 from core.tables import ResultTable
 
 from . import lake, migrations
+from .sandbox import sql_string
 from .schema import META_TABLE
 from .migrations import MigrationError  # noqa: F401  (raised from here)
 from .staging import (BadPackage, clear_staging, quarantine, read_manifest, read_op, remove_shard, stage_op,
@@ -64,7 +65,7 @@ def _open_writable(path: str, new: bool) -> duckdb.DuckDBPyConnection:
     after the file, as `duckdb.connect(path)` names it). ATTACH is the only way DuckDB takes the size."""
     name = '"' + (Path(path).name.split(".")[0] or "results").replace('"', '""') + '"'
     options = [f"ROW_GROUP_SIZE {ROW_GROUP_SIZE}"] + ([f"STORAGE_VERSION '{STORAGE_COMPATIBILITY}'"] if new else [])
-    return lake.attached(lambda con: con.execute(f"ATTACH {lake.literal(path)} AS {name} ({', '.join(options)})"),
+    return lake.attached(lambda con: con.execute(f"ATTACH {sql_string(path)} AS {name} ({', '.join(options)})"),
                          name)
 
 

@@ -25,6 +25,8 @@ import duckdb
 
 from core.errors import ConfigError
 
+from .sandbox import sql_string
+
 PREFIX = "ducklake:"
 ALIAS = "lake"  # the name the lake is attached as (then USE lake: queries name tables as in a file)
 CATALOGS = ("sqlite", "postgres")
@@ -114,11 +116,6 @@ def _load_extensions(con: duckdb.DuckDBPyConnection, kind: str) -> None:
         con.execute(f"LOAD {e}")
 
 
-def literal(text: str) -> str:
-    """`text` as a SQL string literal (for statements that take no parameters: ATTACH)."""
-    return "'" + text.replace("'", "''") + "'"
-
-
 def _new_sqlite_catalog(file: Path) -> None:
     """Create the SQLite catalog in WAL mode: readers then never block a committing writer (in SQLite's
     default journal mode an open read transaction holds every commit back)."""
@@ -146,12 +143,12 @@ def attach(con: duckdb.DuckDBPyConnection, database: str, name: str = ALIAS, rea
         data_path = data_path or default_data_path(database)
     if data_path:
         absolute = data_path if "://" in data_path else str(Path(data_path).absolute())
-        options.append(f"DATA_PATH {literal(absolute.rstrip('/') + '/')}")
+        options.append(f"DATA_PATH {sql_string(absolute.rstrip('/') + '/')}")
     if read_only or snapshot is not None:
         options.append("READ_ONLY")
     if snapshot is not None:
         options.append(f"SNAPSHOT_VERSION {int(snapshot)}")
-    sql = f"ATTACH {literal(PREFIX + kind + ':' + target)} AS {name}" + (f" ({', '.join(options)})" if options else "")
+    sql = f"ATTACH {sql_string(PREFIX + kind + ':' + target)} AS {name}" + (f" ({', '.join(options)})" if options else "")
     delay, deadline = 0.05, time.monotonic() + 60
     while True:
         try:

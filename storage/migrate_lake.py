@@ -12,6 +12,7 @@ from core.tables import ResultTable
 
 from . import lake, migrations
 from .db import _migrate, connect
+from .sandbox import sql_string
 from .schema import META_TABLE
 from .views import create_views
 
@@ -33,7 +34,7 @@ def copy_to_lake(database: str, target: str, *, tables: Sequence[ResultTable], d
     con = connect(target, data_path=data_path)
     try:
         _migrate(con, target, tables)
-        con.execute(f"ATTACH '{database.replace(chr(39), chr(39) * 2)}' AS src (READ_ONLY)")
+        con.execute(f"ATTACH {sql_string(database)} AS src (READ_ONLY)")
         busy = [t for t in ("runs", "doc_state", "loaded_shards") if con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]]
         if busy:
             raise LakeNotEmpty(f"{target}: already holds {', '.join(busy)} rows; migrate into a new lake")

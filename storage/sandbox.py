@@ -109,6 +109,11 @@ def check_select(sql: str) -> None:
                         "installing or loading extensions, or changing settings)")
 
 
+def sql_string(text: str) -> str:
+    """`text` as a SQL string literal, for the statements that take no parameters (ATTACH, LOAD)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 def literal_path(path: str) -> str:
     """`path` for DuckDB's file readers, matching only the file of that name: its glob characters
     (* ? [) escaped as one-character classes ([*] [?] [[])."""
@@ -146,7 +151,7 @@ def attach_read_only(con: duckdb.DuckDBPyConnection, database: str, name: str = 
                      wait_seconds: float = 30.0) -> None:
     """ATTACH `database` read-only as `name`, waiting with backoff while a writer holds its lock."""
     deadline, delay = time.monotonic() + wait_seconds, 0.05
-    sql = f"ATTACH '{database.replace(chr(39), chr(39) * 2)}' AS {name} (READ_ONLY)"
+    sql = f"ATTACH {sql_string(database)} AS {name} (READ_ONLY)"
     while True:
         try:
             con.execute(sql)

@@ -25,7 +25,7 @@ from core.names import quote
 
 from .db import connect, exists
 from .lake import is_lake, readable_paths
-from .sandbox import check_expression, literal_path, lock_down
+from .sandbox import check_expression, literal_path, lock_down, sql_string
 
 
 class SearchError(Exception):
@@ -208,7 +208,7 @@ def load_vss(con: duckdb.DuckDBPyConnection) -> str | None:
                 / "vss.duckdb_extension")
         if not path.is_file():
             return f"the vss extension package has no build for DuckDB {duckdb.__version__} ({first})"
-        con.execute(f"LOAD '{str(path).replace(chr(39), chr(39) * 2)}'")
+        con.execute(f"LOAD {sql_string(str(path))}")
         return None
     except ImportError:
         return f"the DuckDB vss extension is not available for DuckDB {duckdb.__version__} ({first})"
