@@ -11,6 +11,7 @@ is shared. Before use, the exported model must match the torch model on fixed pr
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -122,14 +123,26 @@ def session(path: Path, device: torch.device) -> Any:
     so.intra_op_num_threads = int(os.environ.get("TASKHEADS_THREADS", torch.get_num_threads()))
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # no arena: it keeps the peak of the largest batch for the session's life (GBs at big budgets)
-    so.enable_cpu_mem_arena = False
-    so.enable_mem_pattern = False
     so.log_severity_level = 3
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda":
         providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    else:
+        # Without an arena every node's output is a fresh allocation, and those of a long batch are fresh
+        # mmaps that fault in on every run: measured on 512-token BBC batches at the default budget, int8
+        # ran 1.7x and float32 1.4x faster with the arena, and peaked lower (327 vs 401 MB). The arena
+        # keeps the largest batch's peak, which the token budget bounds; grown exactly as asked, not by
+        # powers of two, it keeps 1.0 GB after a 16,384-token batch whose peak without it is also 1.0 GB.
+        _share_exact_arena(ort)
+        so.add_session_config_entry("session.use_env_allocators", "1")
     return ort.InferenceSession(str(path), so, providers=providers)
+
+
+@functools.cache
+def _share_exact_arena(ort: Any) -> None:
+    """One CPU arena for the process's sessions, extended by what is asked (kSameAsRequested)."""
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # no cap, same-as-requested
 
 
 class OrtModel:
