@@ -500,6 +500,9 @@ def section_backends_translate(report, texts, tmp, rounds, n_docs=150, max_new=4
     docs = [Doc(str(i), t) for i, t in enumerate(sample)]
     params = {"max_new_tokens": max_new}
     ours_torch = load_head("mt", "translation", path, params=params)
+    # lossy torch settings (bfloat16 autocast, dynamic int8), beside naive generate at the same bfloat16
+    ours_lossy = {d: load_head("mt", "translation", path, params=params, dtype=d) for d in ("bfloat16", "int8")}
+    model_bf16 = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     ct2_heads = {d: load_head("mt", "translation", path, params=params, backend="ctranslate2", dtype=d)
                  for d in ("float32", "int8")}
     folder = str(ct2_heads["float32"].model.folder)
@@ -512,7 +515,7 @@ def section_backends_translate(report, texts, tmp, rounds, n_docs=150, max_new=4
     src_ids = [ids for _, ids in segments]
     n_in = sum(len(x) for x in src_ids)
 
-    def naive():  # in corpus order, batches of 32 padded to their longest input
+    def naive(model=model):  # in corpus order, batches of 32 padded to their longest input
         out = []
         for k in range(0, len(sample), 32):
             enc = tok(sample[k:k + 32], return_tensors="pt", padding=True, truncation=True, max_length=512,
@@ -536,12 +539,16 @@ def section_backends_translate(report, texts, tmp, rounds, n_docs=150, max_new=4
         return lambda: [r.rows[0]["translation"] for r in pipe(head, docs, token_budget=4096)]
 
     runners = [("naive in-order batched generate (32/batch), torch float32", naive),
-               ("taskheads torch float32", ours(ours_torch))]
+               ("taskheads torch float32", ours(ours_torch)),
+               ("naive in-order batched generate (32/batch), torch bfloat16", lambda: naive(model_bf16)),
+               ("taskheads torch bfloat16", ours(ours_lossy["bfloat16"])),
+               ("taskheads torch int8", ours(ours_lossy["int8"]))]
     for d in ("float32", "int8"):
         runners += [(f"CTranslate2 by hand {d}, max_batch_size=32", hand(d, max_batch_size=32)),
                     (f"CTranslate2 by hand {d}, 4096-token batches", hand(d, max_batch_size=4096, batch_type="tokens")),
                     (f"taskheads ctranslate2 {d}", ours(ct2_heads[d]))]
-    pipe(ours_torch, docs[:4])
+    for warm in (ours_torch, *ours_lossy.values()):
+        pipe(warm, docs[:4])
     best, outs = alternating(runners, rounds)
     base = best[runners[0][0]]
     ref = outs["taskheads torch float32"]
@@ -567,6 +574,8 @@ def section_backends_translate(report, texts, tmp, rounds, n_docs=150, max_new=4
                         best[f"CTranslate2 by hand {d}, 4096-token batches"])
         report.append(f"\ntaskheads ctranslate2 {d} ÷ the faster CTranslate2 by hand: "
                       f"{hand_best / best[f'taskheads ctranslate2 {d}']:.2f}")
+    report.append(f"\ntaskheads torch bfloat16 ÷ naive generate bfloat16 (equal precision): "
+                  f"{best['naive in-order batched generate (32/batch), torch bfloat16'] / best['taskheads torch bfloat16']:.2f}")
 
 
 class Report(list):
