@@ -95,6 +95,34 @@ def test_onnxruntime_int8_keeps_labels(models):
     assert 0 < diff < 0.05  # quantized (not the float32 graph), and close
 
 
+def test_onnxruntime_runs_beside_a_cpu_arena_the_process_registered_before(models, cache):
+    """The sessions share one process-wide arena; a process whose own code registered one first still runs
+    them (on each session's own arena), with the same outputs. Process-wide state: its own process."""
+    import subprocess
+    import sys
+
+    code = f"""
+import onnxruntime as ort
+info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 0, -1, -1))
+from heads.base import Doc
+from heads.engine import pipe
+from heads.loading import load_head
+docs = [Doc(str(i), t) for i, t in enumerate({TEXTS!r})]
+ref = load_head("h", "classification", {models["classification"]!r})
+got = load_head("h", "classification", {models["classification"]!r}, backend="onnxruntime")
+a, b = pipe(ref, docs, token_budget=256), pipe(got, docs, token_budget=256)
+assert all(x.rows[0]["label"] == y.rows[0]["label"] for x, y in zip(a, b))
+assert max(abs(x.rows[0]["scores"][k] - y.rows[0]["scores"][k]) for x, y in zip(a, b) for k in x.rows[0]["scores"]) <= 1e-4
+from heads.backends.onnx import _share_exact_arena
+assert _share_exact_arena(ort) is False  # the process's own arena was there first
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 def test_export_is_cached_and_redone_when_the_model_changes(models, tmp_path, cache):
     folder = tmp_path / "topic"
     shutil.copytree(models["classification"], folder)
