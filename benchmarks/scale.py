@@ -254,14 +254,24 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "status": s["status"],
 """
 
 
-def run_config(folder: Path, corpus: Path, heads: int, memory_limit: str = "") -> Path:
-    """The cheapest real head (lingua on a document's first 16 characters), `heads` of them: a whole
-    `taskheads run` is then mostly taskheads' own planning, Prefect tasks and loading."""
-    cfg = folder / f"run-{heads}.toml"
+def run_config(folder: Path, corpus: Path, heads: int, memory_limit: str = "", model: str = "language") -> Path:
+    """`heads` heads of the cheapest real kind (lingua on a document's first 16 characters: a whole
+    `taskheads run` is then mostly taskheads' own planning, Prefect tasks and loading), or of a tiny
+    BERT classifier (`model = "tiny"`: a transformer forward pass over each whole document)."""
+    cfg = folder / (f"run-{heads}.toml" if model == "language" else f"run-{heads}-{model}.toml")
     limit = f'memory_limit = "{memory_limit}"\n' if memory_limit else ""
-    cfg.write_text(f'corpus = "{corpus}"\ndatabase = "{folder / f"run-{heads}.duckdb"}"\n{limit}' + "".join(
-        f'\n[heads.lang{k}]\ntask = "language"\nlanguages = ["en", "de"]\nmax_chars = 16\nlow_accuracy = true\n'
-        + (f'where = "section = \'business\'"\n' if k == 1 else "") for k in range(heads)))
+    if model == "tiny":
+        from taskheads.tiny_models import build_bert
+
+        tiny = folder.parent / "tiny-classifier"
+        if not (tiny / "config.json").exists():
+            build_bert(tiny, "classification", labels=["neg", "pos"])
+        head = f'task = "classification"\nmodel = "{tiny}"\n'
+    else:
+        head = 'task = "language"\nlanguages = ["en", "de"]\nmax_chars = 16\nlow_accuracy = true\n'
+    cfg.write_text(f'corpus = "{corpus}"\ndatabase = "{cfg.with_suffix(".duckdb")}"\n{limit}' + "".join(
+        f'\n[heads.h{k}]\n{head}' + (f'where = "section = \'business\'"\n' if k == 1 else "")
+        for k in range(heads)))
     return cfg
 
 
@@ -292,6 +302,8 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma list of: plan,lists,load,rerun,run,loadinto")
     ap.add_argument("--run-heads", default="1,3", help="run: heads per whole run (language heads; the second is "
                     "routed by a where)")
+    ap.add_argument("--run-model", default="language", choices=["language", "tiny"],
+                    help="run: the heads' model (tiny: a 2-layer BERT classifier over whole documents)")
     ap.add_argument("--load-rows", default="0,1000000,10000000", help="loadinto: rows already in the tables")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -330,8 +342,8 @@ def main() -> None:
             r["empty_flow_after_s"] = out["seconds"]
         if "run" not in skip:  # a whole `taskheads run` (CLI process): first run, then a rerun with nothing to do
             for heads in [int(x) for x in args.run_heads.split(",")]:
-                cfg = run_config(folder, corpus, heads, args.plan_memory_limit)
-                for p in folder.glob(f"run-{heads}.duckdb*"):
+                cfg = run_config(folder, corpus, heads, args.plan_memory_limit, args.run_model)
+                for p in folder.glob(f"{cfg.stem}.duckdb*"):
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
                 for kind in ("first", "rerun"):
                     out, _ = child(WHOLE_RUN, str(cfg))
