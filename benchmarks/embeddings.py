@@ -154,7 +154,7 @@ def synthetic_db(path: str, n: int, dim: int = 384, seed: int = 0) -> np.ndarray
     con = duckdb.connect(path)
     con.register("rows", rows)
     con.execute("INSERT INTO embeddings BY NAME SELECT * FROM rows")
-    con.execute("INSERT INTO doc_state SELECT head, doc_id, 'fp', model_id, run_id, 'done', now() FROM rows")
+    con.execute("INSERT INTO doc_state (head, doc_id, fingerprint, model_id, run_id, status, updated_at) SELECT head, doc_id, 'fp', model_id, run_id, 'done', now() FROM rows")
     con.execute("INSERT INTO models (model_id, head, task, source, params, dtype) VALUES "
                 "('m', 'vec', 'embedding', 'synthetic', ?, 'float32')", [json.dumps({"per_window": False})])
     con.execute("INSERT INTO runs (run_id, started_at, status) VALUES ('r', now(), 'completed')")

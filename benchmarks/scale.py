@@ -9,18 +9,21 @@ Per size, each measurement in its own process (peak RSS from getrusage of that c
 - plan (lists): the same plan with every unit built in Python at once (plan_work, the old way) - the peer;
 - load: staged packages of `unit_docs` documents loaded into an empty table, then again into the table
   holding every row (each package replaces its documents) - docs/s each;
-- load into N rows (`loadinto`, `--load-rows`): tables already holding N documents (ids in no order), then
-  the time to load one 2,000-document package replacing stored documents, 16 such packages one
-  transaction each (`load_shard`), and 16 queued packages through the run's loader (`load_staged`:
-  one transaction, disjoint packages sharing one scan per table);
+- load into N rows (`loadinto`, `--load-rows`): tables already holding N documents loaded 2,000 at a time
+  (ids in no order), then the time to load one 2,000-document package re-inferring the documents of
+  one earlier load, as the plan stages it (the load that holds them: the DELETEs look in its row
+  groups only) and without those facts (a package of older code: the DELETEs search the whole head),
+  16 such packages one transaction each (`load_shard`), and 16 queued ones through the run's loader
+  (`load_staged`: one transaction);
 - no-op rerun: the database is given every document's state as a finished run would leave it, then
   the corpus flow runs with nothing to do (a language head and an embedding head on
   all-MiniLM-L6-v2) - wall seconds of the process, seconds inside the flow, peak RSS - against an
   empty Prefect flow in the same kind of process (python -c, the ephemeral API of one Prefect home),
   measured before and after it;
-- whole run (`run`, `--run-heads`, `--plan-memory-limit`): `taskheads run CONFIG --json` with the cheapest
-  real head (language on 16 characters; 1 or 3 heads), on an empty database, then again with nothing
-  to do - seconds and the CLI process's own peak RSS (VmHWM), the Prefect server's apart.
+- whole run (`run`, `--run-heads`, `--run-model`, `--plan-memory-limit`): `taskheads run CONFIG --json` with
+  the cheapest real head (language on 16 characters) or a tiny BERT classifier over whole documents
+  (1 or 3 heads), on an empty database, then again with nothing to do - seconds and the CLI process's
+  own peak RSS (VmHWM), the Prefect server's apart.
 """
 from __future__ import annotations
 
@@ -136,37 +139,59 @@ tables = result_tables()
 table = next(t for t in tables if t.name == "languages")
 db.ensure_schema(database, tables=tables)
 con = duckdb.connect(database)
-t0 = time.perf_counter()  # n documents already loaded, their ids in no order (as hashed or UUID ids would be)
+t0 = time.perf_counter()  # n documents loaded before, 2,000 a load, their ids in no order (hashed or UUID ids)
+loads = (n + 1999) // 2000
 con.execute("INSERT INTO languages BY NAME SELECT 'lang' AS head, i::VARCHAR AS doc_id, 'en' AS language, "
-            "0.9 AS confidence, 100 AS n_chars, 'seed' AS run_id, 'm-lang' AS model_id FROM range(?) t(i) "
-            "ORDER BY hash(i)", [n])
-con.execute("INSERT INTO doc_state SELECT 'lang', i::VARCHAR, 'f', 'm-lang', 'seed', 'done', now() FROM range(?) t(i) "
-            "ORDER BY hash(i)", [n])
+            "0.9 AS confidence, 100 AS n_chars, 'seed' AS run_id, 'm-lang' AS model_id, "
+            "(row_number() OVER (ORDER BY hash(i)) - 1) // 2000 + 1 AS load_id FROM range(?) t(i) ORDER BY hash(i)", [n])
+con.execute("INSERT INTO doc_state (head, doc_id, fingerprint, model_id, run_id, status, updated_at, load_id) "
+            "SELECT 'lang', i::VARCHAR, 'f', 'm-lang', 'seed', 'done', now(), "
+            "(row_number() OVER (ORDER BY hash(i)) - 1) // 2000 + 1 FROM range(?) t(i) ORDER BY hash(i)", [n])
+con.execute("INSERT INTO loaded_shards (shard_id, run_id, head, result_rows, failed_rows, loaded_at, load_id, plan_id) "
+            "SELECT 'seed-' || k, 'seed', 'lang', 2000, 0, now(), k, 'seed' FROM range(1, ? + 1) t(k)", [loads])
 con.close()
 fill = time.perf_counter() - t0
-def package(folder, name, lo):  # 2,000 documents that replace stored ones (fresh ids when the table is empty)
-    ids = [str(i) for i in range(lo, lo + 2000)]
+
+
+def package(folder, name, load, everywhere=False):
+    # the 2,000 documents of an earlier load, re-inferred (a changed model, `--full`): what the plan sends
+    # (their load from doc_state, the last load it saw); `everywhere`: no such facts, as before load ids
+    c = duckdb.connect(database, read_only=True)
+    ids = [r[0] for r in c.execute("SELECT doc_id FROM doc_state WHERE load_id = ?", [load]).fetchall()] if n else \
+        [f"new-{name}-{i}" for i in range(2000)]
+    last = c.execute("SELECT max(load_id) FROM loaded_shards").fetchone()[0] or 0
+    c.close()
     rows = [{"head": "lang", "doc_id": d, "language": "de", "confidence": 0.8, "n_chars": 90} for d in ids]
     covered = [{"doc_id": d, "fingerprint": "g", "status": "done"} for d in ids]
     os.makedirs(folder, exist_ok=True)
-    return stage_shard(folder, name, "lang", table, "m-lang", rows, [], covered, "bench")
-spread = max(n - 2000, 1) // 16
-one = []
-for k in range(5):
-    m = package(stage + "/one", f"one-{k}", (k * 7 + 3) * spread % max(n - 2000, 1))
-    t0 = time.perf_counter(); db.load_shard(database, m, tables=tables); one.append(time.perf_counter() - t0)
-paths = [package(stage + "/each", f"each-{k}", k * spread) for k in range(16)]
+    where = {} if everywhere else {"replaces": [load] if n else [], "planned_after": last, "plan_id": "bench"}
+    return stage_shard(folder, name, "lang", table, "m-lang", rows, [], covered, "bench", **where)
+
+
+spread = max(loads - 1, 1) // 16
+out = {"fill_s": fill}
+for label, everywhere in (("one_s", False), ("one_everywhere_s", True)):
+    took = []
+    for k in range(5):
+        m = package(stage + "/" + label, f"{label}-{k}", 1 + (k * 7 + 3 + everywhere) * spread % max(loads, 1),
+                    everywhere)
+        t0 = time.perf_counter(); db.load_shard(database, m, tables=tables); took.append(time.perf_counter() - t0)
+    out[label] = statistics.median(took)
+paths = [package(stage + "/each", f"each-{k}", 2 + k * spread) for k in range(16)]
 t0 = time.perf_counter()
 for m in paths:
     db.load_shard(database, m, tables=tables)
-each = time.perf_counter() - t0
+out["each16_s"] = time.perf_counter() - t0
 for k in range(16):
-    package(stage + "/bench", f"batch-{k}", k * spread + 1000)
+    package(stage + "/bench", f"batch-{k}", 3 + k * spread)
 t0 = time.perf_counter()
 got = db.load_staged(database, tables=tables, staging=None, batch=16)
-batch = time.perf_counter() - t0
+out["batch16_s"] = time.perf_counter() - t0
 assert got.packages == 16, got
-print(json.dumps({"fill_s": fill, "one_s": statistics.median(one), "each16_s": each, "batch16_s": batch}))
+c = duckdb.connect(database, read_only=True)  # every document once
+assert c.execute("SELECT count(*) = count(DISTINCT doc_id) FROM languages").fetchone()[0]
+c.close()
+print(json.dumps(out))
 """
 
 STATE = r"""
@@ -191,7 +216,7 @@ with open_plan(None, corpus_files(cfg.corpus), heads, cfg.id_column, cfg.text_co
     for i, h in enumerate(heads):
         state = p.con.sql(f"SELECT doc_id, fp FROM work_{i} WHERE NOT conflict").to_arrow_table()
         out.register("state", state)
-        out.execute("INSERT INTO doc_state SELECT ?, doc_id, fp, ?, 'seed', 'done', now() FROM state",
+        out.execute("INSERT INTO doc_state (head, doc_id, fingerprint, model_id, run_id, status, updated_at) SELECT ?, doc_id, fp, ?, 'seed', 'done', now() FROM state",
                     [h.name, h.model_id])
         out.unregister("state")
     out.close()

@@ -434,7 +434,7 @@ def load_shard(database: str, manifest_path: str, *, tables: Sequence[ResultTabl
         if lake.is_lake(database):
             loaded = _load_claimed(con, database, manifest, parts)
         else:
-            loaded = _in_transaction(con, database, lambda: _load_package(con, manifest, parts))
+            loaded = _in_transaction(con, database, lambda: _load_package(con, manifest, parts, prune=True))
     finally:
         con.close()
     if loaded:
@@ -443,13 +443,16 @@ def load_shard(database: str, manifest_path: str, *, tables: Sequence[ResultTabl
     return loaded or (0, 0)
 
 
-def _load_package(con, manifest: dict, parts: dict) -> tuple[int, int] | None:
+def _load_package(con, manifest: dict, parts: dict, prune: bool = False) -> tuple[int, int] | None:
     """A package's statements inside the caller's transaction: its rows, `failed_docs`, `doc_state` and
-    its `loaded_shards` marker; None (nothing done) when the marker says it was loaded before."""
+    its `loaded_shards` marker; None (nothing done) when the marker says it was loaded before. `prune`:
+    trust the package's `replaces` (no other process commits meanwhile: not on a lake)."""
     if _was_loaded(con, manifest):
         return None  # loaded before (a retry after a crash): nothing to do
-    _replace_docs(con, manifest["table"], manifest["head"], [(manifest, parts)])
-    return _mark_loaded(con, manifest, parts)
+    load_id = _next_load_id(con)
+    _replace_docs(con, manifest["table"], manifest["head"], [(manifest, parts)], load_id,
+                  replaced_loads(con, manifest["head"], [manifest]) if prune else None)
+    return _mark_loaded(con, manifest, parts, load_id)
 
 
 def _load_claimed(con, database: str, manifest: dict, parts: dict) -> tuple[int, int] | None:
@@ -472,7 +475,7 @@ def _load_claimed(con, database: str, manifest: dict, parts: dict) -> tuple[int,
         con.execute(f"UPDATE {lake.CLAIMS} SET loaded_by = ?, loaded_at = ? WHERE package = ?",
                     [_worker(), _now(), shard])
         checkpoint("claimed")
-        return _load_package(con, manifest, parts)
+        return _load_package(con, manifest, parts)  # other processes commit meanwhile: every row searched
 
     _in_transaction(con, database, claim)
     return _in_transaction(con, database, load)
@@ -488,20 +491,53 @@ def _was_loaded(con, manifest: dict) -> bool:
     return bool(con.execute("SELECT 1 FROM loaded_shards WHERE shard_id = ?", [manifest["shard_id"]]).fetchone())
 
 
-def _mark_loaded(con, manifest: dict, parts: dict) -> tuple[int, int]:
-    con.execute("INSERT INTO loaded_shards VALUES (?, ?, ?, ?, ?, ?)",
+def _next_load_id(con) -> int:
+    """The id of the load (transaction) being made: one more than the last (storage.schema, load_id)."""
+    return con.execute("SELECT coalesce(max(load_id), 0) + 1 FROM loaded_shards").fetchone()[0]
+
+
+def replaced_loads(con, head: str, manifests: Sequence[dict]) -> tuple[list[int], bool] | None:
+    """The loads whose rows of `head` the packages' documents can have: (load ids, whether rows from
+    before load ids too), or None when not known (a package staged by older code, or from a plan of a
+    database without load ids): then all of the head's rows are searched.
+
+    A document's rows are where its `doc_state` was when planned (the package's `replaces`), unless a
+    load of another plan replaced them since (a run held or recovered, or another run planned at the same
+    time): loads after the plan's `planned_after` that are not the same plan's. One plan's packages never
+    share a document of one head."""
+    ids: set[int] = set()
+    older = False
+    for m in manifests:
+        if m.get("replaces") is None or m.get("plan_id") is None:
+            return None
+        ids.update(x for x in m["replaces"] if x is not None)
+        older = older or any(x is None for x in m["replaces"])
+        ids.update(x for (x,) in con.execute(
+            "SELECT DISTINCT load_id FROM loaded_shards WHERE head = ? AND load_id > ? AND plan_id IS DISTINCT FROM ?",
+            [head, m["planned_after"], m["plan_id"]]).fetchall())
+    return sorted(ids), older
+
+
+def _mark_loaded(con, manifest: dict, parts: dict, load_id: int) -> tuple[int, int]:
+    con.execute("INSERT INTO loaded_shards (shard_id, run_id, head, result_rows, failed_rows, loaded_at, load_id, "
+                "plan_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [manifest["shard_id"], manifest["run_id"], manifest["head"], parts["results"].num_rows,
-                 parts["failed"].num_rows, _now()])
+                 parts["failed"].num_rows, _now(), load_id, manifest.get("plan_id")])
     checkpoint("load")
     return parts["results"].num_rows, parts["failed"].num_rows
 
 
-def _replace_docs(con, table: str, head: str, packages: Sequence[tuple[dict, dict]]) -> None:
+def _replace_docs(con, table: str, head: str, packages: Sequence[tuple[dict, dict]], load_id: int,
+                  replaced: tuple[list[int], bool] | None = None) -> None:
     """The rows of packages of one head and table, whose documents are disjoint, replacing those
-    documents' earlier rows, failures and `doc_state`, in the caller's transaction.
+    documents' earlier rows, failures and `doc_state`, in the caller's transaction; written as load
+    `load_id`.
 
-    The tables have no index on doc_id, so each DELETE scans the head's rows once (a semi-join against
-    the packages' ids): done for several packages together, that scan is paid once per batch."""
+    The tables have no index on doc_id. With `replaced` (`replaced_loads`) the DELETEs look only in the
+    row groups of those loads (rows are appended in load order, so DuckDB skips the others by their
+    min/max load_id), and a package of new documents deletes nothing: O(package), not O(table).
+    Without it each DELETE scans the head's rows once (a semi-join against the packages' ids), once
+    per batch of packages."""
     def covered(manifest: dict, data: pa.Table) -> pa.Table:
         n = data.num_rows
         return data.append_column("model_id", pa.array([manifest["model_id"]] * n, pa.string())) \
@@ -513,7 +549,6 @@ def _replace_docs(con, table: str, head: str, packages: Sequence[tuple[dict, dic
     for part, data in staged.items():
         con.register(f"staged_{part}", data)
     try:
-        done = "SELECT doc_id FROM staged_covered WHERE status = 'done'"
         # attempts in a row on the same text and model: the previous failure's count + 1
         con.execute(
             "CREATE OR REPLACE TEMP TABLE new_failed AS SELECT s.* REPLACE ("
@@ -523,18 +558,34 @@ def _replace_docs(con, table: str, head: str, packages: Sequence[tuple[dict, dic
             "FROM staged_failed s LEFT JOIN (SELECT doc_id, fingerprint, model_id, coalesce(max(attempts), 1) "
             "  AS attempts FROM failed_docs WHERE head = ? AND stage <> 'plan' AND doc_id IS NOT NULL "
             "  GROUP BY ALL) p ON p.doc_id = s.doc_id AND s.stage <> 'plan'", [head])
-        con.execute(f"DELETE FROM {table} WHERE head = ? AND doc_id IN ({done})", [head])
+        for target in (table, "doc_state"):
+            _delete_done_docs(con, target, head, replaced)
         con.execute("DELETE FROM failed_docs f WHERE head = ? AND (doc_id IN (SELECT doc_id FROM staged_covered) "
                     "OR EXISTS (SELECT 1 FROM staged_failed s WHERE s.source_file = f.source_file "
                     "AND s.source_row = f.source_row))", [head])
-        con.execute(f"DELETE FROM doc_state WHERE head = ? AND doc_id IN ({done})", [head])
-        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM staged_results")
+        con.execute(f"INSERT INTO {table} BY NAME SELECT *, ?::BIGINT AS load_id FROM staged_results", [load_id])
         con.execute("INSERT INTO failed_docs BY NAME SELECT * FROM new_failed")
-        con.execute("INSERT INTO doc_state SELECT ?, doc_id, fingerprint, model_id, run_id, status, ? "
-                    "FROM staged_covered WHERE status = 'done'", [head, _now()])
+        con.execute("INSERT INTO doc_state (head, doc_id, fingerprint, model_id, run_id, status, updated_at, load_id) "
+                    "SELECT ?, doc_id, fingerprint, model_id, run_id, status, ?, ? "
+                    "FROM staged_covered WHERE status = 'done'", [head, _now(), load_id])
     finally:
         for part in staged:
             con.unregister(f"staged_{part}")
+
+
+def _delete_done_docs(con, target: str, head: str, replaced: tuple[list[int], bool] | None) -> None:
+    """Delete the head's rows in `target` of the documents staged as done: among the loads `replaced`
+    names (and the rows from before load ids, when it says so), or everywhere when it is None."""
+    done = "doc_id IN (SELECT doc_id FROM staged_covered WHERE status = 'done')"
+    if replaced is None:
+        con.execute(f"DELETE FROM {target} WHERE head = ? AND {done}", [head])
+        return
+    loads, older = replaced
+    if loads:  # IN (subquery): DuckDB prunes row groups by the list's min/max load_id (a constant list too)
+        con.execute(f"DELETE FROM {target} WHERE head = ? AND load_id IN (SELECT unnest(?::BIGINT[])) AND {done}",
+                    [head, loads])
+    if older:
+        con.execute(f"DELETE FROM {target} WHERE head = ? AND load_id IS NULL AND {done}", [head])
 
 
 def _disjoint(packages: Sequence[tuple[dict, dict]]) -> bool:
@@ -695,26 +746,40 @@ def _quarantine_package(con, path: str, reason: str, run_id: str | None, out: Lo
 
 
 def _load_together(con, packages: Sequence[tuple[dict, dict]]) -> list[tuple[int, int] | None]:
-    """Packages in the caller's transaction: per head and table, consecutive packages with disjoint
-    documents in one set of statements (one scan of each table per set, not per package), a package
-    re-covering a document after them in the next set (oldest first: the latest rows win); each gets its
-    marker. Returns what `_load_package` returns for each, in order."""
+    """Packages in the caller's transaction (a `.duckdb` file: nobody else commits meanwhile), as one
+    load: per head and table, consecutive packages with disjoint documents in one set of statements, a
+    package re-covering a document after them in the next set (oldest first: the latest rows win; it
+    also looks among this load's rows); each gets its marker. Returns what `_load_package` returns for
+    each, in order."""
     out: list = [None] * len(packages)
     todo = [(i, m, p) for i, (m, p) in enumerate(packages) if not _was_loaded(con, m)]
+    if not todo:
+        return out
+    load_id = _next_load_id(con)
     groups: dict[tuple[str, str], list] = {}
     for i, m, p in todo:
         groups.setdefault((m["table"], m["head"]), []).append((i, m, p))
     for (table, head), members in groups.items():
+        sets = 0  # sets of this head loaded so far in this load: their rows are load_id's, not yet marked
+
+        def load_set(run: list) -> None:
+            nonlocal sets
+            replaced = replaced_loads(con, head, [m for _, m, _ in run])
+            if replaced is not None and sets:
+                replaced = (sorted({*replaced[0], load_id}), replaced[1])
+            _replace_docs(con, table, head, [(m, p) for _, m, p in run], load_id, replaced)
+            sets += 1
+
         run: list = []  # consecutive packages with disjoint documents, loaded with one set of statements
         for member in members:
             if run and not _disjoint([(m, p) for _, m, p in run + [member]]):
-                _replace_docs(con, table, head, [(m, p) for _, m, p in run])
+                load_set(run)
                 run = []
             run.append(member)
         if run:
-            _replace_docs(con, table, head, [(m, p) for _, m, p in run])
+            load_set(run)
         for i, m, p in members:
-            out[i] = _mark_loaded(con, m, p)
+            out[i] = _mark_loaded(con, m, p, load_id)
     return out
 
 

@@ -12,6 +12,7 @@ Versions:
   1  `taskheads_meta`, runs.quarantined, and every table and column of the schema at that time.
   2  failed_docs.kind / attempts / fingerprint; doc_state holds successes only.
   3  the `embeddings` table (a step, written before result tables were created by themselves).
+  4  `load_id` on `loaded_shards` (with `plan_id`), `doc_state` and the result tables.
 
 Result tables are the heads' (core.tables.ResultTable, handed in as `tables`): a head's new table is
 created IF NOT EXISTS whenever a database is opened for writing, at any version, so a new head needs
@@ -34,6 +35,7 @@ from typing import Callable, Sequence, Union
 import duckdb
 
 from core.errors import SchemaTooNew
+from core.names import quote
 from core.tables import ResultTable
 
 from .lake import CLAIMS, is_lake
@@ -83,8 +85,26 @@ STEPS: list[Step] = [
     # 2 -> 3: the embedding head's table
     ['CREATE TABLE IF NOT EXISTS embeddings ("head" VARCHAR, "doc_id" VARCHAR, "window" INTEGER, "dim" INTEGER, '
      '"embedding" FLOAT[], "n_tokens" BIGINT, "run_id" VARCHAR, "model_id" VARCHAR)'],
+    # 3 -> 4: rows carry the load that wrote them (storage.schema); earlier rows keep NULL, which a
+    # replacement of their documents finds with `load_id IS NULL`
+    lambda con: _add_load_ids(con),
 ]
 SCHEMA_VERSION = len(STEPS)
+
+
+def _add_load_ids(con: duckdb.DuckDBPyConnection) -> None:
+    """`load_id` on `loaded_shards` (with `plan_id`), `doc_state` and every result table: the tables of
+    the current schema with head, doc_id, run_id and model_id, but failed_docs."""
+    con.execute("ALTER TABLE loaded_shards ADD COLUMN IF NOT EXISTS load_id BIGINT")
+    con.execute("ALTER TABLE loaded_shards ADD COLUMN IF NOT EXISTS plan_id VARCHAR")
+    tables = [t for (t,) in con.execute(
+        "SELECT table_name FROM information_schema.columns WHERE table_schema = 'main' "
+        "AND table_catalog = current_database() AND column_name IN ('head', 'doc_id', 'run_id', 'model_id') "
+        "AND table_name IN (SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' "
+        "  AND table_catalog = current_database()) "
+        "GROUP BY table_name HAVING count(*) = 4 ORDER BY 1").fetchall() if t != "failed_docs"]
+    for table in tables:
+        con.execute(f"ALTER TABLE {quote(table)} ADD COLUMN IF NOT EXISTS load_id BIGINT")
 
 # tables every release wrote: one of them in a database without `taskheads_meta` means version 0
 _PRE_VERSIONING_TABLES = ("runs", "loaded_shards", "failed_docs")

@@ -28,6 +28,7 @@ database. Ids become text through corpus.id_text, the form the loader's read_doc
 from __future__ import annotations
 
 import hashlib
+import uuid
 from dataclasses import dataclass, field, replace
 from itertools import groupby
 from pathlib import Path
@@ -76,6 +77,12 @@ class WorkUnit:
     # (translated text); the saved dataset folder when `path` is its cached export (rows are its rows)
     source: str | None = None
     source_rows: tuple[int, ...] | None = None
+    # where the documents' earlier rows are (storage.schema, load_id): the loads that wrote them (None
+    # for rows from before load ids), the last load the plan saw, and the plan. `replaces` None: not known
+    # (a database not migrated yet), so a load searches all of the head's rows.
+    replaces: tuple[int | None, ...] | None = None
+    planned_after: int = 0
+    plan_id: str | None = None
 
     def source_row(self, row: int) -> int:
         """The corpus row of `row` (one of `rows`: a position in the staged input file, if staged)."""
@@ -152,8 +159,11 @@ class LevelPlan:
     planning connection on demand (`units`). Close it (or use `with`) when the level is done."""
 
     def __init__(self, con, files: Sequence[str], heads: Sequence[PlanHead], plans: dict[str, HeadPlan],
-                 rows_scanned: int, errors: list[str], staged: dict[str, dict[int, str]]):
+                 rows_scanned: int, errors: list[str], staged: dict[str, dict[int, str]],
+                 planned_after: int | None = None):
         self.con, self.files, self.rows_scanned, self.errors = con, list(files), rows_scanned, errors
+        # the last load this plan saw (None: the database has no load ids yet), and the plan's id
+        self.planned_after, self.plan_id = planned_after, uuid.uuid4().hex
         self.heads = plans
         self._index = {h.name: i for i, h in enumerate(heads)}
         self._staged = staged  # head -> file_no -> staged input file (heads with `input`)
@@ -166,7 +176,7 @@ class LevelPlan:
         for lo in range(0, n, chunk):
             rows = self.con.execute(
                 f"SELECT unit_no, file_no, row, doc_id, {fingerprint_text('fp')}, conflict, first_file, first_row, pos, "
-                f"file_staged "
+                f"file_staged, had_state, prev_load "
                 f"FROM work_{i} WHERE unit_no >= ? AND unit_no < ? ORDER BY unit_no, row", [lo, lo + chunk]).fetchall()
             for _, items in groupby(rows, key=lambda r: r[0]):
                 yield self._unit(list(items), staged)
@@ -183,12 +193,15 @@ class LevelPlan:
         todo = [r for r in items if not r[5]]
         refused = tuple((row, doc_id, f"duplicate id with different text (first seen in "
                                       f"{short_name(self.files[first_file])} row {first_row})")
-                        for _, _, row, doc_id, _, conflict, first_file, first_row, _, _ in items if conflict)
+                        for _, _, row, doc_id, _, conflict, first_file, first_row, *_ in items if conflict)
+        where = {"replaces": None, "planned_after": self.planned_after or 0, "plan_id": self.plan_id}
+        if self.planned_after is not None:  # the loads holding the documents' earlier rows (None: older rows)
+            where["replaces"] = tuple(sorted({r[11] for r in todo if r[10]}, key=lambda x: (x is not None, x)))
         if staged is not None and items[0][9]:
             return WorkUnit(path=staged[file_no], rows=tuple(r[8] for r in todo), fingerprints=tuple(r[4] for r in todo),
-                            refused=refused, source=source, source_rows=tuple(r[2] for r in todo))
+                            refused=refused, source=source, source_rows=tuple(r[2] for r in todo), **where)
         return WorkUnit(path=path, rows=tuple(r[2] for r in todo), fingerprints=tuple(r[4] for r in todo),
-                        refused=refused, source=source if source != path else None)
+                        refused=refused, source=source if source != path else None, **where)
 
     def close(self) -> None:
         self.con.close()
@@ -223,10 +236,13 @@ def open_plan(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
     con = sandboxed_connection(files, database, memory_limit=memory_limit, temp_directory=temp_directory)
     errors: list[str] = []
     try:
-        has_state = False
+        has_state, planned_after = False, None
         if database:
             has_state = bool(con.execute("SELECT 1 FROM duckdb_tables() WHERE database_name = 'results' "
                                          "AND table_name = 'doc_state'").fetchone())
+            planned_after = _last_load(con)  # read before doc_state: a later load has a larger id
+        else:
+            planned_after = 0  # no database yet: no earlier rows anywhere
         heads = [replace(h, aliases=_live_aliases(con, h) if has_state else ()) for h in heads]
         upstream = dict(u for h in heads for u in h.upstream)
         if upstream and not has_state:
@@ -267,7 +283,8 @@ def open_plan(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
                     raise
                 errors.append(f"{path}: cannot be planned ({str(exc).strip().splitlines()[0]})")
         retry = RetryRule(max_attempts, retry_failed or full)
-        plans = {h.name: _plan_head(con, i, fp_of[i], h, has_state, unit_docs, full, retry) for i, h in enumerate(heads)}
+        plans = {h.name: _plan_head(con, i, fp_of[i], h, has_state, unit_docs, full, retry, planned_after is not None)
+                 for i, h in enumerate(heads)}
         (rows_scanned,) = con.execute("SELECT count(*) FROM scan").fetchone()
         con.execute("DROP TABLE scan")
         staged: dict[str, dict[int, str]] = {}
@@ -276,10 +293,21 @@ def open_plan(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
                 staged[h.name] = _stage_inputs(con, i, h, files, source, id_column, text_column, Path(inputs_dir))
         if database:
             con.execute("DETACH results")  # the flow writes the database next; the plan needs it no more
-        return LevelPlan(con, files, heads, plans, rows_scanned, errors, staged)
+        return LevelPlan(con, files, heads, plans, rows_scanned, errors, staged, planned_after)
     except BaseException:
         con.close()
         raise
+
+
+def _last_load(con) -> int | None:
+    """The newest `load_id` of the database (0: none yet), or None when its tables have no load ids (a
+    database this code has not migrated yet: its loads then search all of a head's rows)."""
+    have = {t for (t,) in con.execute("SELECT table_name FROM duckdb_columns() WHERE database_name = 'results' "
+                                      "AND column_name = 'load_id' AND table_name IN ('doc_state', 'loaded_shards')"
+                                      ).fetchall()}
+    if have != {"doc_state", "loaded_shards"}:
+        return None
+    return con.execute("SELECT coalesce(max(load_id), 0) FROM results.loaded_shards").fetchone()[0]
 
 
 def _live_aliases(con, head: PlanHead) -> tuple[str, ...]:
@@ -385,7 +413,7 @@ def _stage_inputs(con, i: int, head: PlanHead, files: Sequence[str], source: str
 
 
 def _plan_head(con, i: int, fp: int, head: PlanHead, has_state: bool, unit_docs: int, full: bool,
-               retry: RetryRule = RetryRule()) -> HeadPlan:
+               retry: RetryRule = RetryRule(), load_ids: bool = False) -> HeadPlan:
     """Classify the head's routed rows (routing `r_<i>`, fingerprint `fp_<fp>` of the scan) into table
     `classified`, then number the ones to infer into units (table `work_<i>`, ordered by unit); returns
     the counts.
@@ -394,8 +422,12 @@ def _plan_head(con, i: int, fp: int, head: PlanHead, has_state: bool, unit_docs:
     than once are sorted (to find their first occurrence), and only the head's current models' states
     are joined."""
     if has_state:
-        state_join = (f"LEFT JOIN (SELECT doc_id, {fingerprint_halves('fingerprint', 'fp')} FROM results.doc_state "
-                      "  WHERE head = $head AND status = 'done' AND list_contains($models, model_id)) d "
+        # any model's state: a document's earlier rows are replaced whichever model wrote them; only the
+        # current models' states make it unchanged
+        state_join = (f"LEFT JOIN (SELECT doc_id, {fingerprint_halves('fingerprint', 'fp')}, "
+                      "  list_contains($models, model_id) AS current, "
+                      f"  {'load_id' if load_ids else 'NULL::BIGINT'} AS load_id FROM results.doc_state "
+                      "  WHERE head = $head AND status = 'done') d "
                       "ON d.doc_id = s.doc_id "
                       # the document's last failed attempt (plan-stage rows are about other occurrences)
                       f"LEFT JOIN (SELECT doc_id, {fingerprint_halves('fingerprint', 'fp')}, model_id, kind, "
@@ -404,7 +436,8 @@ def _plan_head(con, i: int, fp: int, head: PlanHead, has_state: bool, unit_docs:
                       "  QUALIFY row_number() OVER (PARTITION BY doc_id ORDER BY attempts DESC) = 1) f "
                       "ON f.doc_id = s.doc_id")
     else:
-        state_join = ("LEFT JOIN (SELECT NULL::VARCHAR AS doc_id, NULL::UBIGINT AS fp_hi, NULL::UBIGINT AS fp_lo) d "
+        state_join = ("LEFT JOIN (SELECT NULL::VARCHAR AS doc_id, NULL::UBIGINT AS fp_hi, NULL::UBIGINT AS fp_lo, "
+                      "NULL::BOOLEAN AS current, NULL::BIGINT AS load_id) d "
                       "ON false LEFT JOIN (SELECT NULL::VARCHAR AS doc_id, NULL::UBIGINT AS fp_hi, NULL::UBIGINT AS fp_lo, "
                       "NULL::VARCHAR AS model_id, NULL::VARCHAR AS kind, NULL::INTEGER AS attempts) f ON false")
     models = [head.model_id, *head.aliases]
@@ -433,7 +466,9 @@ def _plan_head(con, i: int, fp: int, head: PlanHead, has_state: bool, unit_docs:
                         WHEN {_same('s.fp', 's.first_fp')} THEN 'repeat'
                         ELSE 'conflict' END AS kind,
                    s.first_file, s.first_row,
-                   coalesce(s.fp_hi IS NOT NULL AND d.fp_hi = s.fp_hi AND d.fp_lo = s.fp_lo, false) AS unchanged,
+                   coalesce(d.current AND s.fp_hi IS NOT NULL AND d.fp_hi = s.fp_hi AND d.fp_lo = s.fp_lo, false)
+                     AS unchanged,
+                   d.doc_id IS NOT NULL AS had_state, d.load_id AS prev_load,
                    coalesce({_same('f.fp', 's.fp')} AND list_contains($models, f.model_id), false)
                      AS failed_before,
                    coalesce(f.kind = 'terminal' OR f.attempts >= $max_attempts, false) AS retries_spent
@@ -452,7 +487,8 @@ def _plan_head(con, i: int, fp: int, head: PlanHead, has_state: bool, unit_docs:
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE work_{i} AS
         WITH todo AS (
-            SELECT file_no, row, doc_id, fp_hi, fp_lo, kind = 'conflict' AS conflict, first_file, first_row
+            SELECT file_no, row, doc_id, fp_hi, fp_lo, kind = 'conflict' AS conflict, first_file, first_row,
+                   had_state, prev_load
             FROM classified WHERE kind = 'conflict' OR (kind = 'first' AND (NOT unchanged OR $full) AND NOT held)
         ), numbered AS (
             SELECT *, (row_number() OVER (PARTITION BY file_no ORDER BY row) - 1) // $unit_docs AS unit_in_file,
@@ -461,7 +497,7 @@ def _plan_head(con, i: int, fp: int, head: PlanHead, has_state: bool, unit_docs:
             FROM todo
         )
         SELECT (dense_rank() OVER (ORDER BY file_no, unit_in_file) - 1)::BIGINT AS unit_no, file_no, row, doc_id,
-               fp_hi, fp_lo, conflict, first_file, first_row, pos, file_staged
+               fp_hi, fp_lo, conflict, first_file, first_row, pos, file_staged, had_state, prev_load
         FROM numbered ORDER BY unit_no, row""", {"full": full, "unit_docs": unit_docs})
     con.execute("DROP TABLE classified")
     to_infer, conflicts, n_units = con.execute(

@@ -2,7 +2,12 @@
 
 Result tables are declared by the heads that write them (`core.tables.ResultTable`, in heads/<task>.py)
 and handed to storage as data (storage never imports heads): every one gets the key columns
-`head, doc_id` first, its own columns, then the lineage `run_id, model_id`.
+`head, doc_id` first, its own columns, then the lineage `run_id, model_id`, then `load_id`.
+
+`load_id` numbers the loads (transactions) in order, and a row, its `doc_state` and the package's
+`loaded_shards` row carry the load that wrote them. Rows are appended in load order, so each row
+group's min/max of `load_id` is narrow: replacing a package's documents deletes among the row groups
+of the loads that wrote them (which the planner read from `doc_state`), not across the whole table.
 """
 from __future__ import annotations
 
@@ -68,9 +73,12 @@ def _table_ddl(name: str, schema: pa.Schema) -> str:
     return f"CREATE TABLE IF NOT EXISTS {name} (\n  {cols}\n)"  # names: core.tables.TABLE_NAME
 
 
+LOAD_FIELD = pa.field("load_id", pa.int64())  # the load that wrote the row (storage's own: not in packages)
+
+
 def result_ddl(tables: Iterable[ResultTable]) -> list[str]:
     """CREATE TABLE IF NOT EXISTS for each result table (a new head's table, on any database)."""
-    return [_table_ddl(t.name, arrow_schema(t)) for t in tables]
+    return [_table_ddl(t.name, arrow_schema(t).append(LOAD_FIELD)) for t in tables]
 
 
 def ddl(tables: Iterable[ResultTable]) -> list[str]:
@@ -119,7 +127,9 @@ CORE_DDL = [
   head VARCHAR,
   result_rows BIGINT,
   failed_rows BIGINT,
-  loaded_at TIMESTAMPTZ
+  loaded_at TIMESTAMPTZ,
+  load_id BIGINT,           -- the load (transaction) that wrote it: increasing, shared by packages loaded together
+  plan_id VARCHAR           -- the plan its units came from (packages of one plan never share a document)
 )""",
     """CREATE TABLE IF NOT EXISTS evaluations (
   head VARCHAR,
@@ -138,7 +148,8 @@ CORE_DDL = [
   model_id VARCHAR,
   run_id VARCHAR,
   status VARCHAR,           -- done (failed attempts are in failed_docs; they never replace a success)
-  updated_at TIMESTAMPTZ
+  updated_at TIMESTAMPTZ,
+  load_id BIGINT            -- the load that wrote it and the document's result rows
 )""",
 ]
 

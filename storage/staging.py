@@ -82,10 +82,14 @@ PARTS = ("results", "failed", "covered")
 
 
 def stage_shard(directory: Path, shard_id: str, head: str, table: ResultTable, model_id: str, rows: Sequence[dict],
-                failed: Sequence[dict], covered: Sequence[dict], run_id: str) -> str:
+                failed: Sequence[dict], covered: Sequence[dict], run_id: str,
+                replaces: Sequence[int | None] | None = None, planned_after: int = 0,
+                plan_id: str | None = None) -> str:
     """Write one load package of rows for `table` (the head's declaration); returns the manifest path.
 
     `covered` lists the documents whose rows this package replaces: {doc_id, fingerprint, status}.
+    `replaces`, `planned_after`, `plan_id`: where those rows are, as the plan saw it (`WorkUnit`); with
+    `replaces` None the load searches all of the head's rows.
     """
     directory = Path(directory)
     tables = {"results": pa.Table.from_pylist(list(rows), schema=arrow_schema(table)),
@@ -93,6 +97,8 @@ def stage_shard(directory: Path, shard_id: str, head: str, table: ResultTable, m
               "covered": pa.Table.from_pylist(list(covered), schema=COVERED_SCHEMA)}
     manifest = {"shard_id": shard_id, "run_id": run_id, "head": head, "table": table.name, "model_id": model_id,
                 "result_rows": len(rows), "failed_rows": len(failed)}
+    if replaces is not None:
+        manifest |= {"replaces": list(replaces), "planned_after": int(planned_after), "plan_id": plan_id}
     for part, data in tables.items():
         path = directory / f"{shard_id}.{part}.parquet"
         _atomic_write_parquet(data, path)
@@ -172,6 +178,12 @@ def read_manifest(path: str, tables: Sequence[ResultTable]) -> tuple[dict, dict[
             raise BadPackage(f"invalid {what} {manifest[key]!r}")
     if path.name != f"{manifest['shard_id']}.json":
         raise BadPackage(f"shard id {manifest['shard_id']!r} does not match its file name {path.name}")
+    if "replaces" in manifest:  # where the documents' earlier rows are (storage.schema, load_id)
+        replaces, after, plan = manifest["replaces"], manifest.get("planned_after"), manifest.get("plan_id")
+        if not (isinstance(replaces, list) and all(x is None or (type(x) is int and x >= 0) for x in replaces)):
+            raise BadPackage(f"manifest replaces is not a list of load ids: {replaces!r}")
+        if type(after) is not int or after < 0 or not isinstance(plan, str):
+            raise BadPackage(f"manifest planned_after / plan_id invalid: {after!r} / {plan!r}")
     expected = {"results": (arrow_schema(known[table]), table, ["head", "doc_id"]),
                 "failed": (FAILED_SCHEMA, "failed_docs", ["head", "doc_id"]),
                 "covered": (COVERED_SCHEMA, "the covered list", COVERED_SCHEMA.names)}

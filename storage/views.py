@@ -30,7 +30,7 @@ _LATEST_MODEL = "SELECT head, arg_max(model_id, updated_at) AS model_id FROM doc
 def latest_view_sql(table: str) -> str:
     if not TABLE_NAME.match(table):
         raise ValueError(f"not a result table name: {table!r}")
-    return (f"SELECT t.*, r.started_at AS run_started_at, m.source AS model_source, m.revision AS model_revision\n"
+    return (f"SELECT t.* EXCLUDE (load_id), r.started_at AS run_started_at, m.source AS model_source, m.revision AS model_revision\n"
             f"FROM {table} t\n"
             f"JOIN ({_LATEST_MODEL}) latest ON latest.head = t.head\n"
             f"LEFT JOIN runs r ON r.run_id = t.run_id\n"

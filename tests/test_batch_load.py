@@ -12,7 +12,7 @@ from storage import db
 from storage.staging import stage_shard
 
 TABLES = result_tables()
-COMPARED = {"classifications": "* EXCLUDE (run_id)", "doc_state": "* EXCLUDE (updated_at)",
+COMPARED = {"classifications": "* EXCLUDE (run_id, load_id)", "doc_state": "* EXCLUDE (updated_at, load_id)",
             "failed_docs": "*", "loaded_shards": "shard_id, run_id, head, result_rows, failed_rows"}
 
 
@@ -69,8 +69,8 @@ def test_queued_packages_load_together_as_one_at_a_time_would(tmp_path, monkeypa
     _packages(tmp_path / "r.duckdb.staging")
     replaced = []
     real = db._replace_docs
-    monkeypatch.setattr(db, "_replace_docs", lambda con, t, h, packages: (replaced.append(len(packages)),
-                                                                          real(con, t, h, packages)))
+    monkeypatch.setattr(db, "_replace_docs", lambda con, t, h, packages, *rest: (replaced.append(len(packages)),
+                                                                                 real(con, t, h, packages, *rest)))
     got = db.load_staged(database, tables=TABLES)
     assert replaced == [3, 1]  # s1-s3 together, then s4 (it re-covers a document of s1)
     assert got.packages == 4 and got.waiting == 0 and got.busy is None

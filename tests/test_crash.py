@@ -10,11 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-COMPARED = {  # tables and the columns that must match a clean run (run ids and times differ)
-    "classifications": "* EXCLUDE (run_id)",
-    "entities": "* EXCLUDE (run_id)",
+COMPARED = {  # tables and the columns that must match a clean run (run ids, load ids and times differ)
+    "classifications": "* EXCLUDE (run_id, load_id)",
+    "entities": "* EXCLUDE (run_id, load_id)",
     "failed_docs": "* EXCLUDE (run_id)",
-    "doc_state": "* EXCLUDE (run_id, updated_at)",
+    "doc_state": "* EXCLUDE (run_id, updated_at, load_id)",
 }
 
 

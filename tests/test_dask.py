@@ -24,7 +24,7 @@ def _snapshot(db) -> dict[str, list]:
         for table in [*(t.name for t in result_tables()), "failed_docs", "doc_state"]:
             cols = [c for (c,) in con.execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
-                [table]).fetchall() if c not in ("run_id", "updated_at", "source_file")]
+                [table]).fetchall() if c not in ("run_id", "updated_at", "source_file", "load_id")]
             out[table] = sorted(map(repr, con.execute(f"SELECT {', '.join(map(quote, cols))} FROM {table}").fetchall()))
         return out
     finally:

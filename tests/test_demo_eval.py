@@ -52,7 +52,7 @@ def _results_db(path):
             con.execute("INSERT INTO models (model_id, head, task) VALUES (?, ?, ?)",
                         [model, head, "ner" if head == "people" else "embedding"])
             for doc in ("d1", "d2", "d3"):
-                con.execute("INSERT INTO doc_state VALUES (?, ?, 'f', ?, 'r1', 'done', now())", [head, doc, model])
+                con.execute("INSERT INTO doc_state (head, doc_id, fingerprint, model_id, run_id, status, updated_at) VALUES (?, ?, 'f', ?, 'r1', 'done', now())", [head, doc, model])
         ents = [("d1", "PER", 0, 5), ("d1", "ORG", 10, 14), ("d2", "ORG", 0, 3), ("d2", "ORG", 20, 23)]
         for doc, group, s, e in ents:
             con.execute("INSERT INTO entities (head, doc_id, run_id, model_id, entity_group, text, start_char, "

@@ -19,8 +19,8 @@ import pytest
 
 from taskheads.cli import main
 
-COMPARED = {"classifications": "* EXCLUDE (run_id)", "entities": "* EXCLUDE (run_id)",
-            "doc_state": "* EXCLUDE (run_id, updated_at)"}
+COMPARED = {"classifications": "* EXCLUDE (run_id, load_id)", "entities": "* EXCLUDE (run_id, load_id)",
+            "doc_state": "* EXCLUDE (run_id, updated_at, load_id)"}
 
 HOLDER = """
 import pathlib, sys, time, duckdb

@@ -61,7 +61,7 @@ print(list(db.load_shard(sys.argv[1], sys.argv[2], tables=[T])))
 
 
 def snapshot(database: str) -> dict[str, list]:
-    """Every result table, failed_docs and doc_state (all columns but run ids, times and source files),
+    """Every result table, failed_docs and doc_state (all columns but run and load ids, times and source files),
     sorted; and the table and view names."""
     from storage.views import result_tables_in
 
@@ -71,7 +71,7 @@ def snapshot(database: str) -> dict[str, list]:
         for table in [*result_tables_in(con), "failed_docs", "doc_state"]:
             cols = [c for (c,) in con.execute(
                 "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() AND table_name = ? "
-                "ORDER BY column_index", [table]).fetchall() if c not in ("run_id", "updated_at", "source_file")]
+                "ORDER BY column_index", [table]).fetchall() if c not in ("run_id", "updated_at", "source_file", "load_id")]
             out[table] = sorted(map(repr, con.execute(f"SELECT {', '.join(map(quote, cols))} FROM {table}").fetchall()))
         out["tables"] = sorted(r[0] for r in con.execute(
             "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()

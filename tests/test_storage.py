@@ -50,7 +50,7 @@ def test_fingerprints_are_sha256_prefixes_and_earlier_full_ones_still_count_as_u
     with duckdb.connect(database) as con:
         for head, fps in stored.items():
             for doc_id, fp in zip("1234", fps):
-                con.execute("INSERT INTO doc_state VALUES (?, ?, ?, 'm1', 'r0', 'done', now())", [head, doc_id, fp])
+                con.execute("INSERT INTO doc_state (head, doc_id, fingerprint, model_id, run_id, status, updated_at) VALUES (?, ?, ?, 'm1', 'r0', 'done', now())", [head, doc_id, fp])
     plans, _, _ = plan_work(database, [str(path)], heads, "id", "text", unit_docs=10)
     assert [(plans[h].unchanged, plans[h].to_infer) for h in "abc"] == [(4, 0), (4, 0), (2, 2)]
     assert plans["c"].units[0].rows == (0, 1)
@@ -115,7 +115,7 @@ def test_plan_routes_finds_duplicates_and_skips_unchanged(tmp_path):
     db.ensure_schema(database, tables=TABLES)
     fp = dict(zip([0, 1], p.units[0].fingerprints))
     con = duckdb.connect(database)
-    con.execute("INSERT INTO doc_state VALUES ('all', '1', ?, 'm1', 'r0', 'done', now()), "
+    con.execute("INSERT INTO doc_state (head, doc_id, fingerprint, model_id, run_id, status, updated_at) VALUES ('all', '1', ?, 'm1', 'r0', 'done', now()), "
                 "('all', '2', ?, 'm1', 'r0', 'done', now())", [fp[0], fp[1]])
     con.close()
     plans, _, _ = plan_work(database, [str(a), str(b)], heads, "id", "text", unit_docs=10)
