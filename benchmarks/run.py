@@ -420,11 +420,32 @@ def section_backends_classify(report, texts, topic_model, rounds, title, gold=No
     if chunk:
         n_chunk_tokens = sum(len(f.input_ids) for d in docs for f in chunk_head.encode(d))
 
-    def ours(head):
-        return lambda: _labels(pipe(head, docs, token_budget=4096))
+    def ours(head):  # torch at the default budget (4096), onnxruntime at its "auto" (1024 on CPU)
+        return lambda: _labels(pipe(head, docs, token_budget="auto" if head.backend == "onnxruntime" else 4096))
+
+    def ort_by_hand(dtype, bs):  # ONNX Runtime as a user runs it: the same exported model file, default session
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = torch.get_num_threads()
+        sess = ort.InferenceSession(str(heads[("onnxruntime", dtype, "truncate")].model.folder / "model.onnx"), so,
+                                    providers=["CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+
+        def run():  # in corpus order, `bs` texts a batch padded to their longest
+            out = []
+            for k in range(0, len(texts), bs):
+                enc = tok(texts[k:k + bs], truncation=True, max_length=window, padding=True, return_tensors="np")
+                feed = {n: (enc[n] if n in enc else np.zeros_like(enc["input_ids"])).astype(np.int64) for n in names}
+                out += [id2label[int(i)] for i in sess.run(None, feed)[0].argmax(-1)]
+            return out
+        return run
 
     runners = [("HF pipeline, batch_size=1, float32", hf(hf32, 1)), ("HF pipeline, batch_size=32, float32", hf(hf32, 32)),
                ("HF pipeline, batch_size=1, int8 (torch dynamic)", hf(hf8, 1))]
+    by_hand = [(f"ONNX Runtime by hand {dtype}, batch_size={bs}", ort_by_hand(dtype, bs))
+               for dtype in ("float32", "int8") for bs in (1, 32)]
+    runners += by_hand
     for (backend, dtype, long_text), head in heads.items():
         runners.append((f"taskheads {backend} {dtype}, {long_text}", ours(head)))
     for h in heads.values():  # warm-up (first-batch allocations, ORT session init)
@@ -453,6 +474,10 @@ def section_backends_classify(report, texts, topic_model, rounds, title, gold=No
         if gold:
             line += f" {100 * np.mean([a == g for a, g in zip(labels, gold)]):.1f}% |"
         report.append(line)
+    for dtype in ("float32", "int8"):
+        hand = min(best[f"ONNX Runtime by hand {dtype}, batch_size={bs}"] for bs in (1, 32))
+        report.append(f"\ntaskheads onnxruntime {dtype} (truncate) ÷ the faster ONNX Runtime by hand (same model file): "
+                      f"{hand / best[f'taskheads onnxruntime {dtype}, truncate']:.2f}")
     return best
 
 

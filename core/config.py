@@ -96,7 +96,8 @@ class HeadKeys(Keys):
     device: str = "auto"
     """auto | cpu | cuda | cuda:N (auto picks CUDA when present)"""
     batch_tokens: Annotated[int, Field(ge=16)] | Literal["auto"] = DEFAULT_BATCH_TOKENS
-    """padded-token budget per batch, or "auto" (4096 on CPU, sized to the GPU's free memory on CUDA)"""
+    """padded-token budget per batch, or "auto" (4096 on CPU, 1024 for the onnxruntime backend there; sized to
+    the GPU's free memory on CUDA)"""
     backend: Literal["torch", "onnxruntime", "ctranslate2", "auto"] = "torch"
     """torch | onnxruntime (encoder heads; extra taskheads[onnx]) | ctranslate2 (translation; extra taskheads[ct2]) | auto (the fastest installed for the task)"""
     trust_remote_code: bool = False

@@ -121,6 +121,20 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
+def test_batch_tokens_auto_gives_onnxruntime_on_cpu_its_own_budget(models):
+    """ONNX Runtime's fused kernels peak at smaller batches than torch's on CPU (1,024 tokens: +25-30% docs/s
+    on short documents, measured in benchmarks/README.md): "auto" picks that budget for it, 4,096 for torch."""
+    from heads.engine import auto_token_budget
+
+    ref = load_head("h", "classification", models["classification"])
+    ort = load_head("h", "classification", models["classification"], backend="onnxruntime")
+    assert (auto_token_budget(ref), auto_token_budget(ort)) == (4096, 1024)
+    stats: dict = {}
+    got = pipe(ort, DOCS, token_budget="auto", stats=stats)
+    assert stats["final_budget"] == 1024
+    assert [r.rows[0]["label"] for r in got] == [r.rows[0]["label"] for r in pipe(ref, DOCS)]
+
+
 def test_export_is_cached_and_redone_when_the_model_changes(models, tmp_path, cache):
     folder = tmp_path / "topic"
     shutil.copytree(models["classification"], folder)
