@@ -32,20 +32,20 @@ def _stage(folder, shard, labels: dict, run="r1", model="m", **where):
                        [_row(k, v, run, model) for k, v in labels.items()], [], covered, run, **where)
 
 
-def _labels(database) -> list[tuple]:
+def _fetch(database, sql: str) -> list[tuple]:
     con = duckdb.connect(database, read_only=True)
     try:
-        return con.execute("SELECT doc_id, label, load_id FROM classifications ORDER BY ALL").fetchall()
+        return con.execute(sql).fetchall()
     finally:
         con.close()
+
+
+def _labels(database) -> list[tuple]:
+    return _fetch(database, "SELECT doc_id, label, load_id FROM classifications ORDER BY ALL")
 
 
 def _state(database) -> list[tuple]:
-    con = duckdb.connect(database, read_only=True)
-    try:
-        return con.execute("SELECT doc_id, load_id FROM doc_state ORDER BY ALL").fetchall()
-    finally:
-        con.close()
+    return _fetch(database, "SELECT doc_id, load_id FROM doc_state ORDER BY ALL")
 
 
 @pytest.fixture
