@@ -505,16 +505,14 @@ def replaced_loads(con, head: str, manifests: Sequence[dict]) -> tuple[list[int]
     load of another plan replaced them since (a run held or recovered, or another run planned at the same
     time): loads after the plan's `planned_after` that are not the same plan's. One plan's packages never
     share a document of one head."""
-    ids: set[int] = set()
-    older = False
-    for m in manifests:
-        if m.get("replaces") is None or m.get("plan_id") is None:
-            return None
-        ids.update(x for x in m["replaces"] if x is not None)
-        older = older or any(x is None for x in m["replaces"])
+    if any(m.get("replaces") is None or m.get("plan_id") is None for m in manifests):
+        return None
+    ids = {x for m in manifests for x in m["replaces"] if x is not None}
+    older = any(x is None for m in manifests for x in m["replaces"])
+    for after, plan in {(m["planned_after"], m["plan_id"]) for m in manifests}:  # a queue is mostly one plan's
         ids.update(x for (x,) in con.execute(
             "SELECT DISTINCT load_id FROM loaded_shards WHERE head = ? AND load_id > ? AND plan_id IS DISTINCT FROM ?",
-            [head, m["planned_after"], m["plan_id"]]).fetchall())
+            [head, after, plan]).fetchall())
     return sorted(ids), older
 
 
