@@ -34,9 +34,9 @@ ORT_CPU_TOKEN_BUDGET = 1024
 
 def auto_token_budget(head: Head) -> int:
     """`batch_tokens = "auto"`: the CPU optimum (4096, measured: benchmarks/README.md) on CPU, 1024 for the
-    onnxruntime backend there; on CUDA, a quarter of the device's free memory over the activations one token needs in one layer
-    (hidden states, attention projections, the feed-forward inner layer, in the model's precision),
-    within GPU_TOKEN_BUDGET: big batches keep a GPU busy, the back-off on out-of-memory stays."""
+    onnxruntime backend there; on CUDA, a quarter of the device's free memory over the activations one
+    token needs in one layer (hidden states, attention projections, the feed-forward inner layer, in the
+    model's precision), within GPU_TOKEN_BUDGET: big batches keep a GPU busy, the back-off on out-of-memory stays."""
     model = getattr(head, "model", None)
     try:
         device = head.device

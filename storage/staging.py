@@ -88,8 +88,8 @@ def stage_shard(directory: Path, shard_id: str, head: str, table: ResultTable, m
     """Write one load package of rows for `table` (the head's declaration); returns the manifest path.
 
     `covered` lists the documents whose rows this package replaces: {doc_id, fingerprint, status}.
-    `replaces`, `planned_after`, `plan_id`: where those rows are, as the plan saw it (`WorkUnit`); with
-    `replaces` None the load searches all of the head's rows.
+    `replaces`, `planned_after`, `plan_id`: where those rows are, as the plan saw it (`WorkUnit`); without
+    `replaces` or `plan_id` the load searches all of the head's rows.
     """
     directory = Path(directory)
     tables = {"results": pa.Table.from_pylist(list(rows), schema=arrow_schema(table)),
@@ -97,7 +97,7 @@ def stage_shard(directory: Path, shard_id: str, head: str, table: ResultTable, m
               "covered": pa.Table.from_pylist(list(covered), schema=COVERED_SCHEMA)}
     manifest = {"shard_id": shard_id, "run_id": run_id, "head": head, "table": table.name, "model_id": model_id,
                 "result_rows": len(rows), "failed_rows": len(failed)}
-    if replaces is not None:
+    if replaces is not None and plan_id is not None:  # both, or the package would not load (read_manifest)
         manifest |= {"replaces": list(replaces), "planned_after": int(planned_after), "plan_id": plan_id}
     for part, data in tables.items():
         path = directory / f"{shard_id}.{part}.parquet"
