@@ -13,11 +13,12 @@ the flow plans them after their upstream heads are loaded. A head reading a tran
 file (staged Parquet of the rows to infer, translated text in the text column), so workers never
 open the database.
 
-Plans stream (`open_plan`): the classification and the work units live in DuckDB tables of the
-planning connection (its buffer pool bounded by `memory_limit`, spilling to `temp_directory`), and
-units are read out a few at a time as the flow submits them, so Python never holds an object per
-corpus row: the planner's memory does not grow with the corpus. Counts per head come from SQL
-before any unit is read. `plan_work` is the same plan with every unit in a list (small corpora, tests).
+Plans stream (`open_plan`): the classification and the work units are made in DuckDB tables of the
+planning connection (its buffer pool bounded by `memory_limit`, spilling to `temp_directory`); the
+units are then written to a Parquet file per head and the connection closes, so its buffer pool is
+not held through the run. Units are read out a few at a time as the flow submits them, so Python
+never holds an object per corpus row: the planner's memory does not grow with the corpus. Counts per
+head come from SQL before any unit is read. `plan_work` is the same plan with every unit in a list (small corpora, tests).
 
 The database is attached read-only while planning and detached once the plan is made (the flow
 then loads into it), so planning never blocks readers for long and never writes. The connection is
@@ -28,6 +29,8 @@ database. Ids become text through corpus.id_text, the form the loader's read_doc
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass, field, replace
 from itertools import groupby
@@ -49,6 +52,9 @@ from .schema import upstream_sql
 
 # errors of a file's scan that are not the file's fault (memory, interrupts, DuckDB's own bugs): they fail
 # the run instead of naming the file as unplannable and running the rest without it
+# work units read from a plan at once: one row group of its spilled units file
+UNITS_PER_READ = 16
+
 NOT_THE_FILES_FAULT = (duckdb.OutOfMemoryException, duckdb.InterruptException, duckdb.FatalException,
                        duckdb.InternalException)
 
@@ -156,11 +162,11 @@ class RetryRule:
 
 class LevelPlan:
     """The plan of one level's heads, open: counts per head (`heads`) at once, work units read from the
-    planning connection on demand (`units`). Close it (or use `with`) when the level is done."""
+    plan's spilled units on demand (`units`). Close it (or use `with`) when the level is done."""
 
     def __init__(self, con, files: Sequence[str], heads: Sequence[PlanHead], plans: dict[str, HeadPlan],
                  rows_scanned: int, errors: list[str], staged: dict[str, dict[int, str]],
-                 planned_after: int | None = None):
+                 planned_after: int | None = None, spill_dir: str | None = None, with_units: bool = True):
         self.con, self.files, self.rows_scanned, self.errors = con, list(files), rows_scanned, errors
         # the last load this plan saw (None: the database has no load ids yet), and the plan's id
         self.planned_after, self.plan_id = planned_after, uuid.uuid4().hex
@@ -168,16 +174,60 @@ class LevelPlan:
         self._index = {h.name: i for i, h in enumerate(heads)}
         self._staged = staged  # head -> file_no -> staged input file (heads with `input`)
         self._sources: dict[int, str] = {}  # file_no -> what reports name (read once, for files with units)
+        self._unit_files: dict[str, Path] | None = None  # head -> its units, spilled out of the connection
+        self._units_dir: Path | None = None
+        try:
+            if with_units:
+                self._spill_units(spill_dir)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            con.close()  # its buffer pool (up to memory_limit, the work tables') goes back before units run
 
-    def units(self, head: str, chunk: int = 16) -> Iterator[WorkUnit]:
-        """The head's work units in order, `chunk` units read from DuckDB at a time."""
-        i, n = self._index[head], self.heads[head].n_units
+    def _spill_units(self, spill_dir: str | None) -> None:
+        """Write each head's work units to a Parquet file, one row group per `UNITS_PER_READ` units (what
+        `units` reads at once), in a folder of the plan's own beside `spill_dir` (DuckDB's, which it removes
+        with all in it when it closes; without one, in the system's temporary folder), so that the planning
+        connection can close: otherwise its buffer pool stays full of work tables for the whole run."""
+        self._unit_files = {}
+        todo = [(name, i) for name, i in self._index.items() if self.heads[name].n_units]
+        if not todo:
+            return
+        beside = Path(spill_dir).parent if spill_dir else None
+        if beside is not None:
+            beside.mkdir(parents=True, exist_ok=True)
+        self._units_dir = Path(tempfile.mkdtemp(prefix="plan-units-", dir=beside))
+        for name, i in todo:
+            path = self._units_dir / f"{i}.parquet"
+            self._unit_files[name] = path
+            writer = None
+            try:
+                for lo in range(0, self.heads[name].n_units, UNITS_PER_READ):
+                    chunk = self.con.execute(
+                        f"SELECT unit_no, file_no, row, doc_id, {fingerprint_text('fp')} AS fp, conflict, first_file, "
+                        f"first_row, pos, file_staged, had_state, prev_load FROM work_{i} "
+                        f"WHERE unit_no >= ? AND unit_no < ? ORDER BY unit_no, row",
+                        [lo, lo + UNITS_PER_READ]).to_arrow_table()
+                    writer = writer or pq.ParquetWriter(path, chunk.schema)
+                    writer.write_table(chunk, row_group_size=max(1, chunk.num_rows))
+            finally:
+                if writer is not None:
+                    writer.close()
+            self.con.execute(f"DROP TABLE work_{i}")
+
+    def units(self, head: str) -> Iterator[WorkUnit]:
+        """The head's work units in order, read from its spilled file `UNITS_PER_READ` units at a time."""
+        if self._unit_files is None:
+            raise RuntimeError("this plan was opened for its counts only: it has no units to read")
+        if head not in self._unit_files:
+            return
         staged = self._staged.get(head)
-        for lo in range(0, n, chunk):
-            rows = self.con.execute(
-                f"SELECT unit_no, file_no, row, doc_id, {fingerprint_text('fp')}, conflict, first_file, first_row, pos, "
-                f"file_staged, had_state, prev_load "
-                f"FROM work_{i} WHERE unit_no >= ? AND unit_no < ? ORDER BY unit_no, row", [lo, lo + chunk]).fetchall()
+        units = pq.ParquetFile(self._unit_files[head], memory_map=False)
+        for k in range(units.num_row_groups):
+            chunk = units.read_row_group(k)
+            rows = list(zip(*(column.to_pylist() for column in chunk.columns)))
+            del chunk
             for _, items in groupby(rows, key=lambda r: r[0]):
                 yield self._unit(list(items), staged)
 
@@ -204,7 +254,9 @@ class LevelPlan:
                         refused=refused, source=source if source != path else None, **where)
 
     def close(self) -> None:
-        self.con.close()
+        """Remove the spilled units (the planning connection closed when the plan was made)."""
+        if self._units_dir is not None:
+            shutil.rmtree(self._units_dir, ignore_errors=True)
 
     def __enter__(self) -> "LevelPlan":
         return self
@@ -216,7 +268,7 @@ class LevelPlan:
 def open_plan(database: str | None, files: Sequence[str], heads: Sequence[PlanHead], id_column: str,
               text_column: str, unit_docs: int, full: bool = False, inputs_dir: str | None = None,
               max_attempts: int = 3, retry_failed: bool = False, memory_limit: str | None = None,
-              temp_directory: str | None = None) -> LevelPlan:
+              temp_directory: str | None = None, with_units: bool = True) -> LevelPlan:
     """Plan every head over `files` (already checked readable) and keep the plan open in DuckDB.
 
     A document that failed before on the same text and model is tried again when its fault was
@@ -293,7 +345,8 @@ def open_plan(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
                 staged[h.name] = _stage_inputs(con, i, h, files, source, id_column, text_column, Path(inputs_dir))
         if database:
             con.execute("DETACH results")  # the flow writes the database next; the plan needs it no more
-        return LevelPlan(con, files, heads, plans, rows_scanned, errors, staged, planned_after)
+        return LevelPlan(con, files, heads, plans, rows_scanned, errors, staged, planned_after, temp_directory,
+                         with_units)
     except BaseException:
         con.close()
         raise
@@ -332,7 +385,7 @@ def plan_counts(database: str | None, files: Sequence[str], heads: Sequence[Plan
     """The counts of `open_plan` (no unit read, no input staged, nothing written): (plans, rows scanned,
     file error lines)."""
     with open_plan(database, files, heads, id_column, text_column, unit_docs, full, None, max_attempts,
-                   retry_failed, memory_limit=memory_limit, temp_directory=temp_directory) as plan:
+                   retry_failed, memory_limit=memory_limit, temp_directory=temp_directory, with_units=False) as plan:
         return plan.heads, plan.rows_scanned, plan.errors
 
 

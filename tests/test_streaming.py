@@ -145,19 +145,29 @@ def test_a_run_whose_plan_runs_out_of_memory_fails_loudly_and_writes_no_file_err
 
 
 @pytest.mark.parametrize("memory_limit, threads", [("96MB", 1), ("200MB", 2), ("8GB", None)])
-def test_the_planner_scans_with_as_many_threads_as_its_memory_holds(tmp_path, memory_limit, threads):
+def test_the_planner_scans_with_as_many_threads_as_its_memory_holds(tmp_path, monkeypatch, memory_limit, threads):
     """Each scanning thread holds a row group of text: at a small `memory_limit` two threads run out of memory
     where one plans (measured: 122,880-row groups of news text at 128MB), so the planner scans with one thread
     per 96MB, never more than the machine's; and it hands freed memory back at once (DuckDB's allocator keeps
     up to 128MB otherwise), so its peak follows the limit."""
+    import storage.plan
     from storage.plan import PlanHead, open_plan
 
     path = tmp_path / "docs.parquet"
     pq.write_table(pa.table({"id": [1, 2], "text": ["a", "b"]}), path)
+    settings = []
+
+    def connect(*args, **kwargs):  # the planning connection, as it scans (it closes once the plan is made)
+        con = sandboxed_connection(*args, **kwargs)
+        settings.append(con.execute("SELECT current_setting('threads'), current_setting('allocator_flush_threshold')"
+                                    ).fetchone())
+        return con
+
+    sandboxed_connection = storage.plan.sandboxed_connection
+    monkeypatch.setattr(storage.plan, "sandboxed_connection", connect)
     with open_plan(None, [str(path)], [PlanHead("a", None, (), "m-a")], "id", "text", 1000, memory_limit=memory_limit,
-                   temp_directory=str(tmp_path / "spill")) as plan:
-        got, flush = plan.con.execute("SELECT current_setting('threads'), current_setting('allocator_flush_threshold')"
-                                      ).fetchone()
+                   temp_directory=str(tmp_path / "spill")):
+        [(got, flush)] = settings
     with duckdb.connect() as default:
         machine = default.execute("SELECT current_setting('threads')").fetchone()[0]
     assert got == min(threads or machine, machine)
@@ -231,3 +241,31 @@ def test_a_unit_reads_its_rows_without_decoding_their_whole_row_group(tmp_path):
                               text=True, check=True).stdout)
     group_text = pq.ParquetFile(path).metadata.row_group(0).total_byte_size
     assert peak < group_text / 2, (peak, group_text)  # 4.9MB; decoding the whole group: 18.8MB
+
+
+def test_a_plan_hands_its_duckdb_memory_back_before_any_unit_runs(tmp_path):
+    """The plan's work tables filled the planning connection's buffer pool (up to `memory_limit`) for the whole
+    run, as units were read back a chunk at a time: a 1M-document run held ~50MB more than a 100k one, a 10M
+    run ~75MB. Once planned, the unread units live in a file beside the spill folder, one row group per chunk read,
+    the planning connection is closed, and the file goes when the plan closes."""
+    from storage.plan import PlanHead, open_plan
+
+    path = tmp_path / "docs.parquet"
+    n = 5_000
+    pq.write_table(pa.table({"id": [f"doc-{i}" for i in range(n)], "text": [f"story {i}" for i in range(n)]}), path)
+    spill = tmp_path / "spill"
+    heads = [PlanHead("a", None, (), "m-a"), PlanHead("b", "id < 'doc-2'", (), "m-b")]
+    with open_plan(None, [str(path)], heads, "id", "text", 100, memory_limit="96MB", temp_directory=str(spill)) as plan:
+        files = sorted(tmp_path.glob("plan-units-*/*.parquet"))
+        assert len(files) == 2, files  # one per head with units
+        assert sorted(pq.ParquetFile(f).metadata.num_row_groups for f in files) == [
+            -(-plan.heads["b"].n_units // 16), -(-plan.heads["a"].n_units // 16)]
+        with pytest.raises(duckdb.ConnectionException):
+            plan.con.execute("SELECT 1")  # closed: its buffer pool is given back
+        units = {h.name: list(plan.units(h.name)) for h in heads}
+    assert not list(tmp_path.glob("plan-units-*"))
+    assert [len(u.rows) for u in units["a"]] == [100] * 50
+    assert sorted(d for u in units["a"] for d in u.rows) == list(range(n))
+    assert sum(len(u.rows) for u in units["b"]) == plan.heads["b"].to_infer == sum(
+        1 for i in range(n) if f"doc-{i}" < "doc-2")
+    assert all(len(fp) == 32 for u in units["a"] for fp in u.fingerprints)
