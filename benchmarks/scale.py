@@ -213,12 +213,9 @@ for h in cfg.heads:
     heads.append(PlanHead(h.name, cfg.routing(h), tuple(head_class(h.task).columns_for(ident["params"])), ident["model_id"]))
 with open_plan(None, corpus_files(cfg.corpus), heads, cfg.id_column, cfg.text_column, cfg.unit_docs) as p:
     out = duckdb.connect(cfg.database)
-    for i, h in enumerate(heads):
-        state = p.con.sql(f"SELECT doc_id, fp FROM work_{i} WHERE NOT conflict").to_arrow_table()
-        out.register("state", state)
-        out.execute("INSERT INTO doc_state (head, doc_id, fingerprint, model_id, run_id, status, updated_at) SELECT ?, doc_id, fp, ?, 'seed', 'done', now() FROM state",
-                    [h.name, h.model_id])
-        out.unregister("state")
+    for h in heads:
+        out.execute("INSERT INTO doc_state (head, doc_id, fingerprint, model_id, run_id, status, updated_at) SELECT ?, doc_id, fp, ?, 'seed', 'done', now() FROM read_parquet(?) WHERE NOT conflict",
+                    [h.name, h.model_id, str(p.units_file(h.name))])
     out.close()
 print(json.dumps({"ok": True}))
 """

@@ -33,7 +33,6 @@ import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field, replace
-from itertools import groupby
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -216,6 +215,12 @@ class LevelPlan:
                     writer.close()
             self.con.execute(f"DROP TABLE work_{i}")
 
+    def units_file(self, head: str) -> Path | None:
+        """The Parquet file the head's units were spilled to (None: the head has none), one row per document:
+        unit_no, file_no, row, doc_id, fp (its fingerprint as stored), conflict, ... (a benchmark seeds
+        `doc_state` from it)."""
+        return (self._unit_files or {}).get(head)
+
     def units(self, head: str) -> Iterator[WorkUnit]:
         """The head's work units in order, read from its spilled file `UNITS_PER_READ` units at a time."""
         if self._unit_files is None:
@@ -225,11 +230,12 @@ class LevelPlan:
         staged = self._staged.get(head)
         units = pq.ParquetFile(self._unit_files[head], memory_map=False)
         for k in range(units.num_row_groups):
-            chunk = units.read_row_group(k)
-            rows = list(zip(*(column.to_pylist() for column in chunk.columns)))
-            del chunk
-            for _, items in groupby(rows, key=lambda r: r[0]):
-                yield self._unit(list(items), staged)
+            chunk = units.read_row_group(k)  # columnar; each unit becomes Python objects only as it is asked for
+            unit_no = chunk.column("unit_no").to_pylist()
+            starts = [0, *(j for j in range(1, len(unit_no)) if unit_no[j] != unit_no[j - 1]), len(unit_no)]
+            for lo, hi in zip(starts, starts[1:]):
+                part = chunk.slice(lo, hi - lo)
+                yield self._unit(list(zip(*(column.to_pylist() for column in part.columns))), staged)
 
     def _source(self, file_no: int) -> str:
         """The file as reports name it: a saved dataset's export names its folder."""
