@@ -269,3 +269,41 @@ def test_a_plan_hands_its_duckdb_memory_back_before_any_unit_runs(tmp_path):
     assert sum(len(u.rows) for u in units["b"]) == plan.heads["b"].to_infer == sum(
         1 for i in range(n) if f"doc-{i}" < "doc-2")
     assert all(len(fp) == 32 for u in units["a"] for fp in u.fingerprints)
+
+
+def test_prefect_links_of_finished_units_do_not_pile_up_over_a_run(tmp_path, tiny_models, prefect_harness,
+                                                                   monkeypatch):
+    """Prefect links every task's result (and each of its fields) to a copy of the task's state in the flow
+    run's context, for dependency tracking, and keeps the links for the whole flow run: over a 10M-document
+    run (5,000 units) that grew the flow's memory with every unit. The flow drops a unit's links once it has
+    counted its outcome."""
+    from prefect.context import FlowRunContext
+
+    from flows.process_corpus import process_corpus
+
+    links = []
+    load = storage.db.load_staged
+
+    def counted_load(*args, **kwargs):
+        context = FlowRunContext.get()
+        if context is not None:
+            links.append(len(context.run_results))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(storage.db, "load_staged", counted_load)
+    _corpus(tmp_path, 60)
+    cfg = tmp_path / "pipeline.toml"
+    cfg.write_text(f"""
+corpus = "corpus"
+database = "results.duckdb"
+unit_docs = 1
+max_units_in_flight = 2
+
+[heads.topic]
+task = "classification"
+model = "{tiny_models['classification']}"
+""")
+    summary = process_corpus(config_path=str(cfg))
+    assert summary["heads"]["topic"]["done"] == 60 and len(links) >= 60
+    # links of the units in flight (2) and the one just finished, whatever the number of units
+    assert max(links) <= 3 * max(links[:5]) and max(links) < 60, links
