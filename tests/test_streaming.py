@@ -59,22 +59,28 @@ def _corpus(tmp_path, n: int) -> None:
     pq.write_table(pa.Table.from_pylist(rows[n // 2:]), tmp_path / "corpus" / "b.parquet")
 
 
-@pytest.mark.parametrize("window_key, window", [("", 8), ("max_units_in_flight = 1", 1)])
-def test_units_stream_through_a_bounded_window(tmp_path, tiny_models, prefect_harness, watched, window_key, window):
-    from flows.process_corpus import process_corpus
-
+def _one_document_units(tmp_path, tiny_models, extra: str):
+    """A 60-document corpus and a config giving the tiny classifier one unit per document."""
     _corpus(tmp_path, 60)
     cfg = tmp_path / "pipeline.toml"
     cfg.write_text(f"""
 corpus = "corpus"
 database = "results.duckdb"
 unit_docs = 1
-{window_key}
+{extra}
 
 [heads.topic]
 task = "classification"
 model = "{tiny_models['classification']}"
 """)
+    return cfg
+
+
+@pytest.mark.parametrize("window_key, window", [("", 8), ("max_units_in_flight = 1", 1)])
+def test_units_stream_through_a_bounded_window(tmp_path, tiny_models, prefect_harness, watched, window_key, window):
+    from flows.process_corpus import process_corpus
+
+    cfg = _one_document_units(tmp_path, tiny_models, window_key)
     gc.collect()
     before = _alive_units()
     summary = process_corpus(config_path=str(cfg))
@@ -291,18 +297,7 @@ def test_prefect_links_of_finished_units_do_not_pile_up_over_a_run(tmp_path, tin
         return load(*args, **kwargs)
 
     monkeypatch.setattr(storage.db, "load_staged", counted_load)
-    _corpus(tmp_path, 60)
-    cfg = tmp_path / "pipeline.toml"
-    cfg.write_text(f"""
-corpus = "corpus"
-database = "results.duckdb"
-unit_docs = 1
-max_units_in_flight = 2
-
-[heads.topic]
-task = "classification"
-model = "{tiny_models['classification']}"
-""")
+    cfg = _one_document_units(tmp_path, tiny_models, "max_units_in_flight = 2")
     summary = process_corpus(config_path=str(cfg))
     assert summary["heads"]["topic"]["done"] == 60 and len(links) >= 60
     # links of the units in flight (2) and the one just finished, whatever the number of units
