@@ -18,7 +18,8 @@ planning connection (its buffer pool bounded by `memory_limit`, spilling to `tem
 units are then written to a Parquet file per head and the connection closes, so its buffer pool is
 not held through the run. Units are read out a few at a time as the flow submits them, so Python
 never holds an object per corpus row: the planner's memory does not grow with the corpus. Counts per
-head come from SQL before any unit is read. `plan_work` is the same plan with every unit in a list (small corpora, tests).
+head come from SQL before any unit is read. `plan_work` is the same plan with every unit in a list
+(small corpora, tests).
 
 The database is attached read-only while planning and detached once the plan is made (the flow
 then loads into it), so planning never blocks readers for long and never writes. The connection is
@@ -49,11 +50,11 @@ from .sandbox import check_expression, literal_path, sandboxed_connection
 from .schema import upstream_sql
 
 
-# errors of a file's scan that are not the file's fault (memory, interrupts, DuckDB's own bugs): they fail
-# the run instead of naming the file as unplannable and running the rest without it
 # work units read from a plan at once: one row group of its spilled units file
 UNITS_PER_READ = 16
 
+# errors of a file's scan that are not the file's fault (memory, interrupts, DuckDB's own bugs): they fail
+# the run instead of naming the file as unplannable and running the rest without it
 NOT_THE_FILES_FAULT = (duckdb.OutOfMemoryException, duckdb.InterruptException, duckdb.FatalException,
                        duckdb.InternalException)
 
@@ -275,7 +276,8 @@ def open_plan(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
               text_column: str, unit_docs: int, full: bool = False, inputs_dir: str | None = None,
               max_attempts: int = 3, retry_failed: bool = False, memory_limit: str | None = None,
               temp_directory: str | None = None, with_units: bool = True) -> LevelPlan:
-    """Plan every head over `files` (already checked readable) and keep the plan open in DuckDB.
+    """Plan every head over `files` (already checked readable): an open plan whose units wait in a Parquet
+    file per head (`with_units`; without it, counts only) until it is closed.
 
     A document that failed before on the same text and model is tried again when its fault was
     transient and it has failed fewer than `max_attempts` times, or with `retry_failed` (or `full`).
