@@ -300,5 +300,6 @@ def test_prefect_links_of_finished_units_do_not_pile_up_over_a_run(tmp_path, tin
     cfg = _one_document_units(tmp_path, tiny_models, "max_units_in_flight = 2")
     summary = process_corpus(config_path=str(cfg))
     assert summary["heads"]["topic"]["done"] == 60 and len(links) >= 60
-    # links of the units in flight (2) and the one just finished, whatever the number of units
-    assert max(links) <= 3 * max(links[:5]) and max(links) < 60, links
+    # what the units in flight (2), the one just finished and the last load made (~13 at most here),
+    # whatever the number of units: kept, the 60 units' links reached ~370
+    assert max(links) <= 30, links
