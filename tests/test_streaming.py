@@ -281,8 +281,8 @@ def test_prefect_links_of_finished_units_do_not_pile_up_over_a_run(tmp_path, tin
                                                                    monkeypatch):
     """Prefect links every task's result (and each of its fields) to a copy of the task's state in the flow
     run's context, for dependency tracking, and keeps the links for the whole flow run: over a 10M-document
-    run (5,000 units) that grew the flow's memory with every unit. The flow drops a unit's links once it has
-    counted its outcome."""
+    run (5,000 units) that grew the flow's memory with every unit. As each unit finishes, the flow drops the
+    links of every task finished so far (units and loads)."""
     from prefect.context import FlowRunContext
 
     from flows.process_corpus import process_corpus
