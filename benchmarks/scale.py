@@ -9,12 +9,14 @@ Per size, each measurement in its own process (peak RSS from getrusage of that c
 - plan (lists): the same plan with every unit built in Python at once (plan_work, the old way) - the peer;
 - load: staged packages of `unit_docs` documents loaded into an empty table, then again into the table
   holding every row (each package replaces its documents) - docs/s each;
-- load into N rows (`loadinto`, `--load-rows`): tables already holding N documents loaded 2,000 at a time
-  (ids in no order), then the time to load one 2,000-document package re-inferring the documents of
-  one earlier load, as the plan stages it (the load that holds them: the DELETEs look in its row
-  groups only) and without those facts (a package of older code: the DELETEs search the whole head),
-  16 such packages one transaction each (`load_shard`), and 16 queued ones through the run's loader
-  (`load_staged`: one transaction);
+- load into N rows (`loadinto`, `--load-rows`, `--lake`): tables (of a .duckdb file, or of a DuckLake
+  with a SQLite catalog) already holding N documents loaded 2,000 at a time (ids in no order), then the
+  time to load one 2,000-document package re-inferring the documents of one earlier load, as the plan
+  stages it (the load that holds them: the DELETEs look in its row groups only) and without those facts
+  (a package of older code: the DELETEs search the whole head), the same for a package of 2,000 new
+  documents (an append, a first run: nothing to delete), 16 re-inferring packages one transaction each
+  (`load_shard`), and 16 queued ones through the run's loader (`load_staged`: one transaction into a
+  file, one each into a lake);
 - no-op rerun: the database is given every document's state as a finished run would leave it, then
   the corpus flow runs with nothing to do (a language head and an embedding head on
   all-MiniLM-L6-v2) - wall seconds of the process, seconds inside the flow, peak RSS - against an
@@ -130,15 +132,16 @@ print(json.dumps(out))
 
 LOAD_INTO = r"""
 import json, os, statistics, sys, time
-import duckdb
 from heads.registry import result_tables
-from storage import db
-from storage.staging import stage_shard
-database, n, stage = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+from storage import db, lake
+from storage.staging import stage_shard, staging_root
+database, n = sys.argv[1], int(sys.argv[2])
+on_lake = lake.is_lake(database)
 tables = result_tables()
 table = next(t for t in tables if t.name == "languages")
 db.ensure_schema(database, tables=tables)
-con = duckdb.connect(database)
+stage = str(staging_root(database))  # its runs' folders: load_staged reads them
+con = db.connect(database)
 t0 = time.perf_counter()  # n documents loaded before, 2,000 a load, their ids in no order (hashed or UUID ids)
 loads = (n + 1999) // 2000
 con.execute("INSERT INTO languages BY NAME SELECT 'lang' AS head, i::VARCHAR AS doc_id, 'en' AS language, "
@@ -153,28 +156,34 @@ con.close()
 fill = time.perf_counter() - t0
 
 
-def package(folder, name, load, everywhere=False):
-    # the 2,000 documents of an earlier load, re-inferred (a changed model, `--full`): what the plan sends
-    # (their load from doc_state, the last load it saw); `everywhere`: no such facts, as before load ids
-    c = duckdb.connect(database, read_only=True)
-    ids = [r[0] for r in c.execute("SELECT doc_id FROM doc_state WHERE load_id = ?", [load]).fetchall()] if n else \
-        [f"new-{name}-{i}" for i in range(2000)]
+def package(folder, name, load, everywhere=False, new=False):
+    # the 2,000 documents of an earlier load, re-inferred (a changed model, `--full`), or 2,000 new ones
+    # (`new`: an append, a first run): what the plan sends (their load from doc_state, the last load it
+    # saw, on a lake the snapshot it read); `everywhere`: no such facts, as before load ids (or before
+    # lakes had the snapshot)
+    new = new or not n
+    c = db.connect(database, read_only=True)
+    ids = [f"new-{name}-{i}" for i in range(2000)] if new else \
+        [r[0] for r in c.execute("SELECT doc_id FROM doc_state WHERE load_id = ?", [load]).fetchall()]
     last = c.execute("SELECT max(load_id) FROM loaded_shards").fetchone()[0] or 0
+    snapshot = lake.current_snapshot(c) if on_lake else None
     c.close()
     rows = [{"head": "lang", "doc_id": d, "language": "de", "confidence": 0.8, "n_chars": 90} for d in ids]
     covered = [{"doc_id": d, "fingerprint": "g", "status": "done"} for d in ids]
     os.makedirs(folder, exist_ok=True)
-    where = {} if everywhere else {"replaces": [load] if n else [], "planned_after": last, "plan_id": "bench"}
+    where = {} if everywhere else {"replaces": [] if new else [load], "planned_after": last, "plan_id": "bench",
+                                   "planned_snapshot": snapshot}
     return stage_shard(folder, name, "lang", table, "m-lang", rows, [], covered, "bench", **where)
 
 
 spread = max(loads - 1, 1) // 16
 out = {"fill_s": fill}
-for label, everywhere in (("one_s", False), ("one_everywhere_s", True)):
+for label, everywhere, new in (("one_s", False, False), ("one_everywhere_s", True, False),
+                               ("new_s", False, True), ("new_everywhere_s", True, True)):
     took = []
     for k in range(5):
         m = package(stage + "/" + label, f"{label}-{k}", 1 + (k * 7 + 3 + everywhere) * spread % max(loads, 1),
-                    everywhere)
+                    everywhere, new)
         t0 = time.perf_counter(); db.load_shard(database, m, tables=tables); took.append(time.perf_counter() - t0)
     out[label] = statistics.median(took)
 paths = [package(stage + "/each", f"each-{k}", 2 + k * spread) for k in range(16)]
@@ -187,8 +196,8 @@ for k in range(16):
 t0 = time.perf_counter()
 got = db.load_staged(database, tables=tables, staging=None, batch=16)
 out["batch16_s"] = time.perf_counter() - t0
-assert got.packages == 16, got
-c = duckdb.connect(database, read_only=True)  # every document once
+assert got.packages == 16, (got, stage)
+c = db.connect(database, read_only=True)  # every document once
 assert c.execute("SELECT count(*) = count(DISTINCT doc_id) FROM languages").fetchone()[0]
 c.close()
 print(json.dumps(out))
@@ -327,6 +336,8 @@ def main() -> None:
     ap.add_argument("--run-model", default="language", choices=["language", "tiny"],
                     help="run: the heads' model (tiny: a 2-layer BERT classifier over whole documents)")
     ap.add_argument("--load-rows", default="0,1000000,10000000", help="loadinto: rows already in the tables")
+    ap.add_argument("--lake", action="store_true", help="loadinto: into a DuckLake (SQLite catalog), not a "
+                    ".duckdb file")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     work = Path(args.work)
@@ -377,11 +388,12 @@ def main() -> None:
         results.append(r)
     if "loadinto" not in skip:  # one package, and 16 queued ones, into tables already holding N rows
         for n in [int(x) for x in args.load_rows.split(",")]:
-            folder = work / f"loadinto-{n}"
+            folder = work / (f"loadinto-lake-{n}" if args.lake else f"loadinto-{n}")
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
-            out, rss = child(LOAD_INTO, str(folder / "results.duckdb"), str(n), str(folder / "results.duckdb.staging"))
-            r = {"rows_in_table": n, **out, "rss_mb": rss}
+            target = f"ducklake:sqlite:{folder / 'results.sqlite'}" if args.lake else str(folder / "results.duckdb")
+            out, rss = child(LOAD_INTO, target, str(n))
+            r = {"rows_in_table": n, "lake": args.lake, **out, "rss_mb": rss}
             print(json.dumps(r), flush=True)
             results.append(r)
     (work / "results.json").write_text(json.dumps(results, indent=1))

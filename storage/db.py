@@ -436,7 +436,7 @@ def load_shard(database: str, manifest_path: str, *, tables: Sequence[ResultTabl
         if lake.is_lake(database):
             loaded = _load_claimed(con, database, manifest, parts)
         else:
-            loaded = _in_transaction(con, database, lambda: _load_package(con, manifest, parts, prune=True))
+            loaded = _in_transaction(con, database, lambda: _load_package(con, manifest, parts))
     finally:
         con.close()
     if loaded:
@@ -445,15 +445,14 @@ def load_shard(database: str, manifest_path: str, *, tables: Sequence[ResultTabl
     return loaded or (0, 0)
 
 
-def _load_package(con, manifest: dict, parts: dict, prune: bool = False) -> tuple[int, int] | None:
+def _load_package(con, manifest: dict, parts: dict, on_lake: bool = False) -> tuple[int, int] | None:
     """A package's statements inside the caller's transaction: its rows, `failed_docs`, `doc_state` and
-    its `loaded_shards` marker; None (nothing done) when the marker says it was loaded before. `prune`:
-    trust the package's `replaces` (no other process commits meanwhile: not on a lake)."""
+    its `loaded_shards` marker; None (nothing done) when the marker says it was loaded before."""
     if _was_loaded(con, manifest):
         return None  # loaded before (a retry after a crash): nothing to do
     load_id = _next_load_id(con)
     _replace_docs(con, manifest["table"], manifest["head"], [(manifest, parts)], load_id,
-                  replaced_loads(con, manifest["head"], [manifest]) if prune else None)
+                  replaced_loads(con, manifest["head"], [manifest], on_lake))
     return _mark_loaded(con, manifest, parts, load_id)
 
 
@@ -477,7 +476,7 @@ def _load_claimed(con, database: str, manifest: dict, parts: dict) -> tuple[int,
         con.execute(f"UPDATE {lake.CLAIMS} SET loaded_by = ?, loaded_at = ? WHERE package = ?",
                     [_worker(), _now(), shard])
         checkpoint("claimed")
-        return _load_package(con, manifest, parts)  # other processes commit meanwhile: every row searched
+        return _load_package(con, manifest, parts, on_lake=True)
 
     _in_transaction(con, database, claim)
     return _in_transaction(con, database, load)
@@ -498,23 +497,32 @@ def _next_load_id(con) -> int:
     return con.execute("SELECT coalesce(max(load_id), 0) + 1 FROM loaded_shards").fetchone()[0]
 
 
-def replaced_loads(con, head: str, manifests: Sequence[dict]) -> tuple[list[int], bool] | None:
+def replaced_loads(con, head: str, manifests: Sequence[dict], on_lake: bool = False
+                   ) -> tuple[list[int], bool] | None:
     """The loads whose rows of `head` the packages' documents can have: (load ids, whether rows from
     before load ids too), or None when not known (a package staged by older code, or from a plan of a
-    database without load ids): then all of the head's rows are searched.
+    database without load ids; on a lake, a plan whose snapshot is gone): then all of the head's rows
+    are searched.
 
     A document's rows are where its `doc_state` was when planned (the package's `replaces`), unless a
     load of another plan replaced them since (a run held or recovered, or another run planned at the same
     time): loads after the plan's `planned_after` that are not the same plan's. One plan's packages never
-    share a document of one head."""
+    share a document of one head. On a lake, loads commit at once from many processes and two can take
+    the same id or commit out of id order, so "since" is by commit: the loads missing from
+    `loaded_shards` as of the snapshot the plan read (`planned_snapshot`)."""
     if any(m.get("replaces") is None or m.get("plan_id") is None for m in manifests):
+        return None
+    if on_lake and any(m.get("planned_snapshot") is None or not lake.has_snapshot(con, m["planned_snapshot"])
+                       for m in manifests):
         return None
     ids = {x for m in manifests for x in m["replaces"] if x is not None}
     older = any(x is None for m in manifests for x in m["replaces"])
-    for after, plan in {(m["planned_after"], m["plan_id"]) for m in manifests}:  # a queue is mostly one plan's
+    since_key, later = (("planned_snapshot", "shard_id NOT IN (SELECT shard_id FROM loaded_shards AT (VERSION => ?))")
+                        if on_lake else ("planned_after", "load_id > ?"))
+    for since, plan in {(m[since_key], m["plan_id"]) for m in manifests}:  # a queue is mostly one plan's
         ids.update(x for (x,) in con.execute(
-            "SELECT DISTINCT load_id FROM loaded_shards WHERE head = ? AND load_id > ? AND plan_id IS DISTINCT FROM ?",
-            [head, after, plan]).fetchall())
+            f"SELECT DISTINCT load_id FROM loaded_shards WHERE head = ? AND {later} AND plan_id IS DISTINCT FROM ? "
+            "AND load_id IS NOT NULL", [head, since, plan]).fetchall())
     return sorted(ids), older
 
 

@@ -240,8 +240,13 @@ def compact(database: str, keep_days: float = 7.0) -> dict[str, int]:
         con.close()
 
 
-def current_snapshot(con: duckdb.DuckDBPyConnection) -> int:
-    return int(con.execute("SELECT max(snapshot_id) FROM ducklake_snapshots(?)", [ALIAS]).fetchone()[0])
+def current_snapshot(con: duckdb.DuckDBPyConnection, name: str = ALIAS) -> int:
+    return int(con.execute("SELECT max(snapshot_id) FROM ducklake_snapshots(?)", [name]).fetchone()[0])
+
+
+def has_snapshot(con: duckdb.DuckDBPyConnection, snapshot: int, name: str = ALIAS) -> bool:
+    """Whether time travel can still reach `snapshot` (`compact` expires old ones)."""
+    return bool(con.execute("SELECT 1 FROM ducklake_snapshots(?) WHERE snapshot_id = ?", [name, snapshot]).fetchone())
 
 
 def finish_message(run_id: str) -> str:

@@ -44,6 +44,7 @@ from core.names import quote
 from core.tables import ResultTable
 
 from .corpus import id_text
+from . import lake
 from .lake import exists as _lake_exists, is_lake
 from .saved_dataset import short_name, source_name
 from .sandbox import check_expression, literal_path, sandboxed_connection
@@ -85,10 +86,12 @@ class WorkUnit:
     source_rows: tuple[int, ...] | None = None
     # where the documents' earlier rows are (storage.schema, load_id): the loads that wrote them (None
     # for rows from before load ids), the last load the plan saw, and the plan. `replaces` None: not known
-    # (a database not migrated yet), so a load searches all of the head's rows.
+    # (a database not migrated yet), so a load searches all of the head's rows. On a lake, the snapshot
+    # the plan read too (other processes commit meanwhile, not in load id order).
     replaces: tuple[int | None, ...] | None = None
     planned_after: int = 0
     plan_id: str | None = None
+    planned_snapshot: int | None = None
 
     def source_row(self, row: int) -> int:
         """The corpus row of `row` (one of `rows`: a position in the staged input file, if staged)."""
@@ -166,10 +169,13 @@ class LevelPlan:
 
     def __init__(self, con, files: Sequence[str], heads: Sequence[PlanHead], plans: dict[str, HeadPlan],
                  rows_scanned: int, errors: list[str], staged: dict[str, dict[int, str]],
-                 planned_after: int | None = None, spill_dir: str | None = None, with_units: bool = True):
+                 planned_after: int | None = None, spill_dir: str | None = None, with_units: bool = True,
+                 planned_snapshot: int | None = None):
         self.con, self.files, self.rows_scanned, self.errors = con, list(files), rows_scanned, errors
-        # the last load this plan saw (None: the database has no load ids yet), and the plan's id
+        # the last load this plan saw (None: the database has no load ids yet), the plan's id, and on a
+        # lake the snapshot it read
         self.planned_after, self.plan_id = planned_after, uuid.uuid4().hex
+        self.planned_snapshot = planned_snapshot
         self.heads = plans
         self._index = {h.name: i for i, h in enumerate(heads)}
         self._staged = staged  # head -> file_no -> staged input file (heads with `input`)
@@ -251,7 +257,8 @@ class LevelPlan:
         refused = tuple((row, doc_id, f"duplicate id with different text (first seen in "
                                       f"{short_name(self.files[first_file])} row {first_row})")
                         for _, _, row, doc_id, _, conflict, first_file, first_row, *_ in items if conflict)
-        where = {"replaces": None, "planned_after": self.planned_after or 0, "plan_id": self.plan_id}
+        where = {"replaces": None, "planned_after": self.planned_after or 0, "plan_id": self.plan_id,
+                 "planned_snapshot": self.planned_snapshot}
         if self.planned_after is not None:  # the loads holding the documents' earlier rows (None: older rows)
             where["replaces"] = tuple(sorted({r[11] for r in todo if r[10]}, key=lambda x: (x is not None, x)))
         if staged is not None and items[0][9]:
@@ -296,8 +303,10 @@ def open_plan(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
     con = sandboxed_connection(files, database, memory_limit=memory_limit, temp_directory=temp_directory)
     errors: list[str] = []
     try:
-        has_state, planned_after = False, None
+        has_state, planned_after, planned_snapshot = False, None, None
         if database:
+            if is_lake(database):  # first: what commits after it, a load also searches (storage.db.replaced_loads)
+                planned_snapshot = lake.current_snapshot(con, "results")
             has_state = bool(con.execute("SELECT 1 FROM duckdb_tables() WHERE database_name = 'results' "
                                          "AND table_name = 'doc_state'").fetchone())
             planned_after = _last_load(con)  # read before doc_state: a later load has a larger id
@@ -354,7 +363,7 @@ def open_plan(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
         if database:
             con.execute("DETACH results")  # the flow writes the database next; the plan needs it no more
         return LevelPlan(con, files, heads, plans, rows_scanned, errors, staged, planned_after, temp_directory,
-                         with_units)
+                         with_units, planned_snapshot)
     except BaseException:
         con.close()
         raise

@@ -84,12 +84,13 @@ PARTS = ("results", "failed", "covered")
 def stage_shard(directory: Path, shard_id: str, head: str, table: ResultTable, model_id: str, rows: Sequence[dict],
                 failed: Sequence[dict], covered: Sequence[dict], run_id: str,
                 replaces: Sequence[int | None] | None = None, planned_after: int = 0,
-                plan_id: str | None = None) -> str:
+                plan_id: str | None = None, planned_snapshot: int | None = None) -> str:
     """Write one load package of rows for `table` (the head's declaration); returns the manifest path.
 
     `covered` lists the documents whose rows this package replaces: {doc_id, fingerprint, status}.
-    `replaces`, `planned_after`, `plan_id`: where those rows are, as the plan saw it (`WorkUnit`); without
-    `replaces` or `plan_id` the load searches all of the head's rows.
+    `replaces`, `planned_after`, `plan_id`, `planned_snapshot`: where those rows are, as the plan saw it
+    (`WorkUnit`); without `replaces` or `plan_id` (or, into a lake, `planned_snapshot`) the load searches
+    all of the head's rows.
     """
     directory = Path(directory)
     tables = {"results": pa.Table.from_pylist(list(rows), schema=arrow_schema(table)),
@@ -99,6 +100,8 @@ def stage_shard(directory: Path, shard_id: str, head: str, table: ResultTable, m
                 "result_rows": len(rows), "failed_rows": len(failed)}
     if replaces is not None and plan_id is not None:  # both, or the package would not load (read_manifest)
         manifest |= {"replaces": list(replaces), "planned_after": int(planned_after), "plan_id": plan_id}
+        if planned_snapshot is not None:
+            manifest["planned_snapshot"] = int(planned_snapshot)
     for part, data in tables.items():
         path = directory / f"{shard_id}.{part}.parquet"
         _atomic_write_parquet(data, path)
@@ -184,6 +187,9 @@ def read_manifest(path: str, tables: Sequence[ResultTable]) -> tuple[dict, dict[
             raise BadPackage(f"manifest replaces is not a list of load ids: {replaces!r}")
         if type(after) is not int or after < 0 or not isinstance(plan, str):
             raise BadPackage(f"manifest planned_after / plan_id invalid: {after!r} / {plan!r}")
+        snapshot = manifest.get("planned_snapshot", 0)
+        if type(snapshot) is not int or snapshot < 0:
+            raise BadPackage(f"manifest planned_snapshot is not a lake snapshot id: {snapshot!r}")
     expected = {"results": (arrow_schema(known[table]), table, ["head", "doc_id"]),
                 "failed": (FAILED_SCHEMA, "failed_docs", ["head", "doc_id"]),
                 "covered": (COVERED_SCHEMA, "the covered list", COVERED_SCHEMA.names)}

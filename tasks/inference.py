@@ -130,7 +130,8 @@ def _infer(head, unit: WorkUnit, head_cfg, id_column: str, text_column: str, run
                         "status": "failed" if res.error else "done"})
     checkpoint("infer")
     manifest = stage_shard(Path(staging), shard_id_for(run_id, head_cfg.name, unit), head_cfg.name, head.result_table,
-                           model_id, rows, failed, covered, run_id, unit.replaces, unit.planned_after, unit.plan_id)
+                           model_id, rows, failed, covered, run_id, unit.replaces, unit.planned_after, unit.plan_id,
+                           unit.planned_snapshot)
     checkpoint("staged")
     reasons = Counter(r.error for r in results if r.error is not None)
     return UnitOutcome(manifest=manifest, head=head_cfg.name, inferred=len(docs),

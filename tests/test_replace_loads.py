@@ -164,3 +164,105 @@ def test_units_carry_the_loads_that_hold_their_documents(tmp_path, database):
     with open_plan(None, [str(corpus)], [PlanHead("topic", None, (), "m")], "id", "text", 100) as plan:
         [unit] = list(plan.units("topic"))
     assert unit.replaces == () and unit.planned_after == 0  # no database yet
+
+
+# --- a lake: other processes commit while a load runs -------------------------------------------------------
+@pytest.fixture
+def lake_db(tmp_path):
+    path = f"ducklake:sqlite:{tmp_path / 'r.sqlite'}"
+    db.ensure_schema(path, tables=TABLES)
+    return path
+
+
+def _snapshot(database) -> int:
+    from storage import lake
+
+    con = db.connect(database, read_only=True)
+    try:
+        return lake.current_snapshot(con)
+    finally:
+        con.close()
+
+
+def _lake_rows(database, sql: str) -> list[tuple]:
+    con = db.connect(database, read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def test_on_a_lake_a_load_also_looks_in_what_committed_after_its_plan_read_the_lake(tmp_path, lake_db, monkeypatch):
+    """Two loads committing at once on a lake can take the same load id, or commit out of id order: what a
+    load must search beyond its plan's loads is what committed after the plan read the lake (its snapshot),
+    not what has a larger id. Without the snapshot (a package of older code), or when it is gone (expired
+    by `taskheads compact`), the load searches all of the head's rows."""
+    stage = tmp_path / "stage"
+    for k, docs in enumerate([("1", "2"), ("3", "4")]):
+        db.load_shard(lake_db, _stage(stage, f"s{k}", {d: "old" for d in docs}, replaces=[], plan_id="p1",
+                                      planned_snapshot=_snapshot(lake_db)), tables=TABLES)
+    planned = _snapshot(lake_db)  # a plan reads the lake here: it has seen loads 1 and 2
+    # another run's load commits next, under id 2 (it took its id before load 2 committed)
+    with monkeypatch.context() as m:
+        m.setattr(db, "_next_load_id", lambda con: 2)
+        db.load_shard(lake_db, _stage(stage, "late", {"5": "late"}, replaces=[], plan_id="p9",
+                                      planned_snapshot=planned), tables=TABLES)
+    con = db.connect(lake_db)
+    try:
+        def where(**manifest):
+            return db.replaced_loads(con, "topic", [manifest], on_lake=True)
+
+        assert where(replaces=[1], planned_after=2, plan_id="p2", planned_snapshot=planned) == ([1, 2], False)
+        assert where(replaces=[1], planned_after=2, plan_id="p9", planned_snapshot=planned) == ([1], False)
+        assert where(replaces=[], planned_after=2, plan_id="p2", planned_snapshot=_snapshot(lake_db)) == ([], False)
+        assert where(replaces=[1], planned_after=2, plan_id="p2") is None  # no snapshot: older code
+        assert where(replaces=[1], planned_after=2, plan_id="p2", planned_snapshot=10**9) is None  # expired
+    finally:
+        con.close()
+
+
+def test_a_lake_load_deletes_only_among_the_loads_that_can_hold_its_documents(tmp_path, lake_db, monkeypatch):
+    """Two runs plan at once; the second's package commits under an id the first's plan had already seen
+    (load 2): the first's package still replaces it, and neither searched the whole head."""
+    stage = tmp_path / "stage"
+    load = lambda path: db.load_shard(lake_db, path, tables=TABLES)  # noqa: E731
+    load(_stage(stage, "a", {"1": "a"}, run="ra", replaces=[], plan_id="pa", planned_snapshot=_snapshot(lake_db)))
+    load(_stage(stage, "b", {"2": "b"}, run="rb", replaces=[], plan_id="pb", planned_snapshot=_snapshot(lake_db)))
+    planned = _snapshot(lake_db)
+    p = _stage(stage, "p", {"1": "p", "3": "p"}, run="rp", replaces=[1], planned_after=2, plan_id="pp",
+               planned_snapshot=planned)
+    q = _stage(stage, "q", {"1": "q"}, run="rq", replaces=[1], planned_after=2, plan_id="pq", planned_snapshot=planned)
+    searched = []
+    real_delete = db._delete_done_docs
+    monkeypatch.setattr(db, "_delete_done_docs", lambda con, target, head, replaced: (
+        searched.append((target, replaced)), real_delete(con, target, head, replaced))[1])
+    with monkeypatch.context() as m:
+        m.setattr(db, "_next_load_id", lambda con: 2)
+        load(q)
+    load(p)
+    assert searched == [("classifications", ([1], False)), ("doc_state", ([1], False)),
+                        ("classifications", ([1, 2], False)), ("doc_state", ([1, 2], False))]
+    assert _lake_rows(lake_db, "SELECT doc_id, label FROM classifications ORDER BY ALL") == \
+        [("1", "p"), ("2", "b"), ("3", "p")]
+    assert _lake_rows(lake_db, "SELECT doc_id, count(*) FROM doc_state GROUP BY ALL ORDER BY ALL") == \
+        [("1", 1), ("2", 1), ("3", 1)]
+
+
+def test_units_planned_on_a_lake_carry_the_snapshot_the_plan_read(tmp_path, lake_db):
+    corpus = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": ["1", "2"], "text": ["one", "two"]}), corpus)
+    db.load_shard(lake_db, _stage(tmp_path / "stage", "a", {"1": "x"}, replaces=[], plan_id="p0",
+                                  planned_snapshot=_snapshot(lake_db)), tables=TABLES)
+    planned = _snapshot(lake_db)
+    with open_plan(lake_db, [str(corpus)], [PlanHead("topic", None, (), "m")], "id", "text", 100) as plan:
+        [unit] = list(plan.units("topic"))
+    assert (unit.replaces, unit.planned_after, unit.planned_snapshot) == ((1,), 1, planned)
+    manifest = _stage(tmp_path / "stage", "b", {"1": "y"}, replaces=unit.replaces, planned_after=1, plan_id="p1",
+                      planned_snapshot=unit.planned_snapshot)
+    from storage.staging import read_manifest
+
+    assert read_manifest(manifest, TABLES)[0]["planned_snapshot"] == planned
+    with open_plan(str(tmp_path / "r.duckdb"), [str(corpus)], [PlanHead("topic", None, (), "m")], "id", "text",
+                   100) as plan:
+        [unit] = list(plan.units("topic"))
+    assert unit.planned_snapshot is None  # a .duckdb file: one writer at a time, load ids are in commit order
