@@ -154,6 +154,7 @@ con.execute("INSERT INTO loaded_shards (shard_id, run_id, head, result_rows, fai
             "SELECT 'seed-' || k, 'seed', 'lang', 2000, 0, now(), k, 'seed' FROM range(1, ? + 1) t(k)", [loads])
 con.close()
 fill = time.perf_counter() - t0
+fresh = 0  # new documents made so far
 
 
 def package(folder, name, load, everywhere=False, new=False):
@@ -161,9 +162,12 @@ def package(folder, name, load, everywhere=False, new=False):
     # (`new`: an append, a first run): what the plan sends (their load from doc_state, the last load it
     # saw, on a lake the snapshot it read); `everywhere`: no such facts, as before load ids (or before
     # lakes had the snapshot)
+    global fresh
     new = new or not n
     c = db.connect(database, read_only=True)
-    ids = [f"new-{name}-{i}" for i in range(2000)] if new else \
+    if new:  # ids like the others (so no row group's min/max doc_id rules them out), never used before
+        fresh += 2000
+    ids = [str(n + fresh - 2000 + i) for i in range(2000)] if new else \
         [r[0] for r in c.execute("SELECT doc_id FROM doc_state WHERE load_id = ?", [load]).fetchall()]
     last = c.execute("SELECT max(load_id) FROM loaded_shards").fetchone()[0] or 0
     snapshot = lake.current_snapshot(c) if on_lake else None

@@ -43,8 +43,8 @@ import pyarrow.parquet as pq
 from core.names import quote
 from core.tables import ResultTable
 
-from .corpus import id_text
 from . import lake
+from .corpus import id_text
 from .lake import exists as _lake_exists, is_lake
 from .saved_dataset import short_name, source_name
 from .sandbox import check_expression, literal_path, sandboxed_connection

@@ -33,7 +33,7 @@ def _stage(folder, shard, labels: dict, run="r1", model="m", **where):
 
 
 def _fetch(database, sql: str) -> list[tuple]:
-    con = duckdb.connect(database, read_only=True)
+    con = db.connect(database, read_only=True)  # a .duckdb file or a lake
     try:
         return con.execute(sql).fetchall()
     finally:
@@ -184,14 +184,6 @@ def _snapshot(database) -> int:
         con.close()
 
 
-def _lake_rows(database, sql: str) -> list[tuple]:
-    con = db.connect(database, read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
-
-
 def test_on_a_lake_a_load_also_looks_in_what_committed_after_its_plan_read_the_lake(tmp_path, lake_db, monkeypatch):
     """Two loads committing at once on a lake can take the same load id, or commit out of id order: what a
     load must search beyond its plan's loads is what committed after the plan read the lake (its snapshot),
@@ -242,9 +234,9 @@ def test_a_lake_load_deletes_only_among_the_loads_that_can_hold_its_documents(tm
     load(p)
     assert searched == [("classifications", ([1], False)), ("doc_state", ([1], False)),
                         ("classifications", ([1, 2], False)), ("doc_state", ([1, 2], False))]
-    assert _lake_rows(lake_db, "SELECT doc_id, label FROM classifications ORDER BY ALL") == \
+    assert _fetch(lake_db, "SELECT doc_id, label FROM classifications ORDER BY ALL") == \
         [("1", "p"), ("2", "b"), ("3", "p")]
-    assert _lake_rows(lake_db, "SELECT doc_id, count(*) FROM doc_state GROUP BY ALL ORDER BY ALL") == \
+    assert _fetch(lake_db, "SELECT doc_id, count(*) FROM doc_state GROUP BY ALL ORDER BY ALL") == \
         [("1", 1), ("2", 1), ("3", 1)]
 
 
