@@ -547,11 +547,16 @@ def _plan_head(con, i: int, fp: int, head: PlanHead, has_state: bool, unit_docs:
         SELECT * EXCLUDE (failed_before, retries_spent),
                failed_before AND NOT unchanged AS retry,
                failed_before AND NOT unchanged AND retries_spent AND NOT $retry_all AS held
-        FROM judged""", {"models": models, "max_attempts": retry.max_attempts, "retry_all": retry.retry_all}
+        FROM judged
+        WHERE $full OR NOT (kind = 'first' AND unchanged)  -- a rerun keeps only what changed: counted below""",
+                {"models": models, "max_attempts": retry.max_attempts, "retry_all": retry.retry_all, "full": full}
                 | ({"head": head.name} if has_state else {}))
     counts = dict(con.execute("SELECT kind || CASE WHEN kind <> 'first' THEN '' WHEN unchanged THEN '-unchanged' "
                               "WHEN held THEN '-held' WHEN retry THEN '-retry' ELSE '' END, "
                               "count(*) FROM classified GROUP BY ALL").fetchall())
+    if not full:  # the unchanged first occurrences left out of `classified`
+        (routed,) = con.execute(f"SELECT count(*) FROM scan WHERE r_{i}").fetchone()
+        counts["first-unchanged"] = routed - sum(counts.values())
     # the rows that need work, numbered into units in SQL (per file, in row order, `unit_docs` rows each,
     # duplicates refused in place): only the units being submitted are ever read back into Python
     con.execute(f"""

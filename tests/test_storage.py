@@ -119,9 +119,12 @@ def test_plan_routes_finds_duplicates_and_skips_unchanged(tmp_path):
                 "('all', '2', ?, 'm1', 'r0', 'done', now())", [fp[0], fp[1]])
     con.close()
     plans, _, _ = plan_work(database, [str(a), str(b)], heads, "id", "text", unit_docs=10)
-    assert (plans["all"].unchanged, plans["all"].to_infer) == (2, 2)
+    p = plans["all"]  # every routed row counted once, whichever way it went
+    assert (p.routed, p.duplicates, p.conflicts, p.unchanged, p.to_infer) == (6, 1, 1, 2, 2)
+    assert (plans["en"].routed, plans["en"].unchanged, plans["en"].to_infer) == (4, 0, 3)  # no state for "en"
     plans, _, _ = plan_work(database, [str(a), str(b)], heads, "id", "text", unit_docs=10, full=True)
-    assert (plans["all"].unchanged, plans["all"].to_infer) == (0, 4)
+    p = plans["all"]
+    assert (p.routed, p.duplicates, p.conflicts, p.unchanged, p.to_infer) == (6, 1, 1, 0, 4)
     other = [PlanHead("all", None, (), "m2")]
     plans, _, _ = plan_work(database, [str(a), str(b)], other, "id", "text", unit_docs=10)
     assert plans["all"].unchanged == 0
