@@ -200,7 +200,7 @@ for k in range(16):
 t0 = time.perf_counter()
 got = db.load_staged(database, tables=tables, staging=None, batch=16)
 out["batch16_s"] = time.perf_counter() - t0
-assert got.packages == 16, (got, stage)
+assert got.packages == 16, got
 c = db.connect(database, read_only=True)  # every document once
 assert c.execute("SELECT count(*) = count(DISTINCT doc_id) FROM languages").fetchone()[0]
 c.close()
