@@ -45,7 +45,6 @@ from core.tables import ResultTable
 
 from . import lake
 from .corpus import id_text
-from .lake import exists as _lake_exists, is_lake
 from .saved_dataset import short_name, source_name
 from .sandbox import check_expression, literal_path, sandboxed_connection
 from .schema import upstream_sql
@@ -299,13 +298,13 @@ def open_plan(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
             routing[h.name] = check_expression(h.where) if h.where else None
         except ValueError as exc:
             raise ValueError(f"heads.{h.name}.where: {exc}") from None
-    database = database if database and (_lake_exists(database) if is_lake(database) else Path(database).exists()) else None
+    database = database if database and (lake.exists(database) if lake.is_lake(database) else Path(database).exists()) else None
     con = sandboxed_connection(files, database, memory_limit=memory_limit, temp_directory=temp_directory)
     errors: list[str] = []
     try:
         has_state, planned_after, planned_snapshot = False, None, None
         if database:
-            if is_lake(database):  # first: what commits after it, a load also searches (storage.db.replaced_loads)
+            if lake.is_lake(database):  # first: what commits after it, a load also searches (storage.db.replaced_loads)
                 planned_snapshot = lake.current_snapshot(con, "results")
             has_state = bool(con.execute("SELECT 1 FROM duckdb_tables() WHERE database_name = 'results' "
                                          "AND table_name = 'doc_state'").fetchone())
