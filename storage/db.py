@@ -229,8 +229,11 @@ def run_lock(database: str, run_id: str | None = None, staging: str | None = Non
     On a lake many runs write at once: the run instead holds `<staging root>/<run_id>.alive` locked
     for its lifetime, so recovery touches only the packages and `runs` rows of dead runs."""
     if lake.is_lake(database):
-        with _alive(database, run_id or "local", staging):
-            yield
+        try:
+            with _alive(database, run_id or "local", staging):
+                yield
+        finally:
+            lake.release()  # the lake its unit tasks held in this process (storage.lake.session)
         return
     path = Path(database).with_name(Path(database).name + ".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -431,14 +434,16 @@ def load_shard(database: str, manifest_path: str, *, tables: Sequence[ResultTabl
     recovery after a crash) changes nothing. `tables`: the result tables a package may name.
     """
     manifest, parts = read_manifest(manifest_path, tables)
-    con = connect(database)
-    try:
-        if lake.is_lake(database):
+    if lake.is_lake(database):  # on the lake this process holds (a unit task loads its own package: many per worker)
+        with lake.session(database) as con:
+            migrations.refuse_newer(con, database)
             loaded = _load_claimed(con, database, manifest, parts)
-        else:
+    else:
+        con = connect(database)
+        try:
             loaded = _in_transaction(con, database, lambda: _load_package(con, manifest, parts))
-    finally:
-        con.close()
+        finally:
+            con.close()
     if loaded:
         checkpoint("loaded")
     remove_shard(manifest_path)

@@ -27,6 +27,15 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     }
 
 
+@pytest.fixture(autouse=True)
+def _release_held_lakes():
+    """Lakes a test loaded into are held by this process (storage.lake.session): not past the test."""
+    yield
+    from storage import lake
+
+    lake.release()
+
+
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
     """One ephemeral Prefect API for the whole session (it costs ~10 s to start)."""

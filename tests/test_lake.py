@@ -338,3 +338,112 @@ def test_a_catalog_file_another_run_has_only_just_made_counts_as_no_lake(tmp_pat
     finally:
         reader.close()
     assert path.rstrip("/") == lake.default_data_path(database).rstrip("/")
+
+
+# --- a lake held per process: loads after the first do not connect again -------------------------------------
+def _package(lake: str, shard: str, docs: range, label: str, staging: str | None = None) -> str:
+    from heads.registry import table
+    from storage.staging import stage_shard, staging_dir
+
+    rows = [{"head": "topic", "doc_id": f"d{i}", "label": label, "score": 0.5, "scores": {label: 0.5}, "n_chunks": 1,
+             "long_text": "chunk", "run_id": "r1", "model_id": "m"} for i in docs]
+    covered = [{"doc_id": f"d{i}", "fingerprint": f"f{i}", "status": "done"} for i in docs]
+    return stage_shard(staging_dir(lake, "r1", staging), shard, "topic", table("classifications"), "m", rows, [],
+                       covered, "r1")
+
+
+def _new_lake(tmp_path: Path, catalog: str, request, data: str | None = None) -> tuple[str, str | None]:
+    from heads.registry import result_tables
+
+    if catalog == "sqlite":
+        lake, staging = f"ducklake:sqlite:{tmp_path / 'l.sqlite'}", None
+    else:
+        lake, staging, data = request.getfixturevalue("postgres").catalog(), str(tmp_path / "staging"), str(tmp_path / "data")
+    db.ensure_schema(lake, tables=result_tables(), data_path=data)
+    return lake, staging
+
+
+@pytest.mark.parametrize("catalog", ["sqlite", "postgres"])
+def test_a_process_attaches_a_lake_once_for_all_its_loads_and_threads_load_at_once(tmp_path, catalog, request,
+                                                                                   monkeypatch):
+    """A unit task commits its own package into a lake; connecting (loading DuckDB's extensions, attaching
+    the catalog) cost about as much as the load. A process keeps the lake attached: every load after the
+    first, from any thread, opens only a connection of its own on it (its own transaction), and each
+    package still loads exactly once."""
+    import threading
+
+    from heads.registry import result_tables
+    from storage import lake as lakes
+
+    lake, staging = _new_lake(tmp_path, catalog, request)
+    first = _package(lake, "first", range(0, 10), "old", staging)  # (staging a package can read the lake's id)
+    attaches = []
+    real_attach = lakes.attach
+    monkeypatch.setattr(lakes, "attach", lambda con, database, *a, **k: (attaches.append(database),
+                                                                          real_attach(con, database, *a, **k))[1])
+    assert db.load_shard(lake, first, tables=result_tables()) == (10, 0)
+    # four threads at once: three packages each, the first re-covering the first load's documents (their
+    # DELETEs meet); each package a second time (a retry: nothing to do)
+    specs = [[(f"t{t}-{k}", range(t * 30 + k * 10, t * 30 + k * 10 + 10), f"t{t}") for k in range(3)] for t in range(4)]
+    loaded, errors = [], []
+
+    def load(packages: list[tuple]) -> None:
+        try:
+            for spec in [*packages, *packages]:
+                path = _package(lake, *spec, staging=staging)
+                loaded.append(db.load_shard(lake, path, tables=result_tables())[0])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=load, args=(spec,)) for spec in specs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(loaded) == [0] * 12 + [10] * 12
+    assert attaches == [lake]  # once, by the first load
+    assert fetch(lake, "SELECT count(*), count(DISTINCT doc_id) FROM classifications") == [(120, 120)]
+    assert fetch(lake, "SELECT label, count(*) FROM classifications GROUP BY ALL ORDER BY ALL") == \
+        [("t0", 30), ("t1", 30), ("t2", 30), ("t3", 30)]
+    assert fetch(lake, "SELECT count(*), count(DISTINCT doc_id) FROM doc_state") == [(120, 120)]
+    assert fetch(lake, "SELECT count(*) FROM loaded_shards") == [(13,)]
+
+
+def test_a_lake_made_again_at_the_same_path_is_loaded_into_not_the_old_one(tmp_path):
+    """The held lake is the catalog it attached: a lake deleted and made again at the same path (a test, a
+    user starting over, here with another data folder) gets the next load, not the lake as attached before."""
+    import shutil
+
+    from heads.registry import result_tables
+
+    lake, _ = _new_lake(tmp_path, "sqlite", None)
+    assert db.load_shard(lake, _package(lake, "a", range(3), "old"), tables=result_tables()) == (3, 0)
+    for path in tmp_path.iterdir():
+        if path.name.startswith("l.sqlite") or path.is_dir():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    lake, _ = _new_lake(tmp_path, "sqlite", None, data=str(tmp_path / "new-data"))  # (DuckLake keeps it in the catalog)
+    assert db.load_shard(lake, _package(lake, "b", range(2), "new"), tables=result_tables()) == (2, 0)
+    assert fetch(lake, "SELECT doc_id, label FROM classifications ORDER BY ALL") == [("d0", "new"), ("d1", "new")]
+
+
+def test_a_lake_migrated_past_this_code_is_refused_by_a_process_that_holds_it(tmp_path):
+    from heads.registry import result_tables
+    from storage import migrations
+    from core.errors import SchemaTooNew
+    from storage import lake as lakes
+
+    lake, _ = _new_lake(tmp_path, "sqlite", None)
+    assert db.load_shard(lake, _package(lake, "a", range(3), "old"), tables=result_tables()) == (3, 0)
+    con = db.connect(lake)  # a newer taskheads, in another process, migrates the lake
+    try:
+        migrations._set(con, schema_version=migrations.SCHEMA_VERSION + 1)
+    finally:
+        con.close()
+    with pytest.raises(SchemaTooNew):
+        db.load_shard(lake, _package(lake, "b", range(3, 5), "new"), tables=result_tables())
+    con = lakes.connect(lake, read_only=True)  # (db.connect refuses it too)
+    try:
+        assert con.execute("SELECT count(*) FROM classifications").fetchall() == [(3,)]
+    finally:
+        con.close()
