@@ -343,6 +343,10 @@ def main() -> None:
     ap.add_argument("--lake", action="store_true", help="loadinto: into a DuckLake (SQLite catalog), not a "
                     ".duckdb file")
     args = ap.parse_args()
+    if any(0 < int(x) < 36_000 for x in args.load_rows.split(",") if x):
+        # its 16 queued packages re-infer 16 different earlier loads of 2,000 (one plan's packages never
+        # share a document): 0 rows (every package new) or at least 18 loads
+        ap.error("--load-rows: 0, or at least 36000 rows")
     skip = set(filter(None, args.skip.split(",")))
     work = Path(args.work)
     PREFECT_ENV["PREFECT_HOME"] = str(work / "prefect-home")  # its own API database, shared by both flows
