@@ -40,6 +40,7 @@ from typing import Iterator, Mapping, Sequence
 import duckdb
 import pyarrow.parquet as pq
 
+from core.memory import hand_back_freed
 from core.names import quote
 from core.tables import ResultTable
 
@@ -216,6 +217,11 @@ class LevelPlan:
                         [lo, lo + UNITS_PER_READ]).to_arrow_table()
                     writer = writer or pq.ParquetWriter(path, chunk.schema)
                     writer.write_table(chunk, row_group_size=max(1, chunk.num_rows))
+                    del chunk
+                    # what glibc keeps of the memory DuckDB freed reading the spilled work table goes back, chunk by
+                    # chunk: otherwise it piles up with the corpus (planning 10M rows for three heads peaked at
+                    # 641 MB without this, 556 MB with; 100k rows: 524, 507)
+                    hand_back_freed()
             finally:
                 if writer is not None:
                     writer.close()
@@ -351,8 +357,10 @@ def open_plan(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
                     raise
                 errors.append(f"{path}: cannot be planned ({str(exc).strip().splitlines()[0]})")
         retry = RetryRule(max_attempts, retry_failed or full)
-        plans = {h.name: _plan_head(con, i, fp_of[i], h, has_state, unit_docs, full, retry, planned_after is not None)
-                 for i, h in enumerate(heads)}
+        plans = {}
+        for i, h in enumerate(heads):
+            plans[h.name] = _plan_head(con, i, fp_of[i], h, has_state, unit_docs, full, retry, planned_after is not None)
+            hand_back_freed()  # (as in _spill_units) what the head's statements freed, before the next head's
         (rows_scanned,) = con.execute("SELECT count(*) FROM scan").fetchone()
         con.execute("DROP TABLE scan")
         staged: dict[str, dict[int, str]] = {}
