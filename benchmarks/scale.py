@@ -4,8 +4,8 @@
 
 Per size, each measurement in its own process (peak RSS from getrusage of that child):
 - generate: a news-like corpus written by DuckDB (files of up to 1M rows; 10M in about a minute);
-- plan (streaming): storage.plan.open_plan for two heads over the corpus with no database, then every
-  unit read the way the flow reads them (a window at a time) - seconds and peak RSS;
+- plan (streaming): storage.plan.open_plan for two heads (`--plan-heads`) over the corpus with no database,
+  then every unit read the way the flow reads them (a window at a time) - seconds and peak RSS;
 - plan (lists): the same plan with every unit built in Python at once (plan_work, the old way) - the peer;
 - load: staged packages of `unit_docs` documents loaded into an empty table, then again into the table
   holding every row (each package replaces its documents) - docs/s each;
@@ -86,9 +86,12 @@ import json, sys, time
 from storage.corpus import corpus_files
 from core.config import PipelineKeys
 from storage.plan import PlanHead, open_plan, plan_work
-corpus, mode, spill, limit = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+from core.memory import keep_memory_flat
+keep_memory_flat()  # as a run's process (the flow calls it first)
+corpus, mode, spill, limit, n_heads = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 files = corpus_files(corpus)
-heads = [PlanHead("lang", None, (), "m-lang"), PlanHead("topic", "section = 'business'", (), "m-topic")]
+heads = [PlanHead("lang", None, (), "m-lang"), PlanHead("topic", "section = 'business'", (), "m-topic"),
+         PlanHead("lang2", None, (), "m-lang2")][:n_heads]
 t0 = time.perf_counter()
 units = 0
 if mode == "stream":
@@ -334,6 +337,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/taskheads-scale")
     ap.add_argument("--plan-memory-limit", default="", help="plan, run: DuckDB memory_limit of the "
                     "planner (default: the config key memory_limit's)")
+    ap.add_argument("--plan-heads", type=int, default=2, choices=[1, 2, 3], help="plan, lists: heads planned (the "
+                    "second is routed by a where)")
     ap.add_argument("--skip", default="", help="comma list of: plan,lists,load,rerun,run,loadinto")
     ap.add_argument("--run-heads", default="1,3", help="run: heads per whole run (language heads; the second is "
                     "routed by a where)")
@@ -358,10 +363,12 @@ def main() -> None:
         if not corpus.exists():
             r["generate_s"] = generate(corpus, n)
         if "plan" not in skip:
-            out, rss = child(PLAN, str(corpus), "stream", str(folder / "spill"), args.plan_memory_limit)
+            out, rss = child(PLAN, str(corpus), "stream", str(folder / "spill"), args.plan_memory_limit,
+                             str(args.plan_heads))
             r |= {"plan_s": out["seconds"], "plan_rss_mb": rss, "units": out["units"]}
         if "lists" not in skip:
-            out, rss = child(PLAN, str(corpus), "lists", str(folder / "spill"), args.plan_memory_limit)
+            out, rss = child(PLAN, str(corpus), "lists", str(folder / "spill"), args.plan_memory_limit,
+                             str(args.plan_heads))
             r |= {"plan_lists_s": out["seconds"], "plan_lists_rss_mb": rss}
         if "load" not in skip:
             for p in folder.glob("load.duckdb*"):

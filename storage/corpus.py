@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core.doc import Doc
@@ -148,6 +149,8 @@ def doc_ids(values: pa.ChunkedArray | pa.Array) -> list[str | None]:
     """Ids as text, exactly as the planner's id_text makes them (None stays None)."""
     if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
         return values.to_pylist()
+    if pa.types.is_integer(values.type):  # the same digits as DuckDB's CAST, without an instance per unit
+        return pc.cast(values, pa.string()).to_pylist()
     con = duckdb.connect()
     try:
         con.execute("SET TimeZone = 'UTC'")
