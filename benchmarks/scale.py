@@ -14,7 +14,8 @@ Per size, each measurement in its own process (peak RSS from getrusage of that c
   time to load one 2,000-document package re-inferring the documents of one earlier load, as the plan
   stages it (the load that holds them: the DELETEs look in its row groups only) and without those facts
   (a package of older code: the DELETEs search the whole head), the same for a package of 2,000 new
-  documents (an append, a first run: nothing to delete), 16 re-inferring packages one transaction each
+  documents (an append, a first run: nothing to delete), on a lake also each attached anew (`*_fresh_s`: as
+  before a process held its lake), 16 re-inferring packages one transaction each
   (`load_shard`), and 16 queued ones through the run's loader (`load_staged`: one transaction into a
   file, one each into a lake);
 - no-op rerun: the database is given every document's state as a finished run would leave it, then
@@ -185,12 +186,17 @@ def package(folder, name, load, everywhere=False, new=False):
 
 spread = max(loads - 1, 1) // 16
 out = {"fill_s": fill}
-for label, everywhere, new in (("one_s", False, False), ("one_everywhere_s", True, False),
-                               ("new_s", False, True), ("new_everywhere_s", True, True)):
+cases = [("one_s", False, False, False), ("one_everywhere_s", True, False, False), ("new_s", False, True, False),
+         ("new_everywhere_s", True, True, False)]
+if on_lake:  # a process loads through the lake it holds (attached once); `anew`: attached again for each load
+    cases += [("one_fresh_s", False, False, True), ("new_fresh_s", False, True, True)]
+for label, everywhere, new, anew in cases:
     took = []
     for k in range(5):
-        m = package(stage + "/" + label, f"{label}-{k}", 1 + (k * 7 + 3 + everywhere) * spread % max(loads, 1),
+        m = package(stage + "/" + label, f"{label}-{k}", 1 + (k * 7 + 3 + everywhere + 2 * anew) * spread % max(loads, 1),
                     everywhere, new)
+        if anew:
+            lake.release()
         t0 = time.perf_counter(); db.load_shard(database, m, tables=tables); took.append(time.perf_counter() - t0)
     out[label] = statistics.median(took)
 paths = [package(stage + "/each", f"each-{k}", 2 + k * spread) for k in range(16)]
