@@ -247,7 +247,9 @@ class LevelPlan:
             starts = [0, *(j for j in range(1, len(unit_no)) if unit_no[j] != unit_no[j - 1]), len(unit_no)]
             for lo, hi in zip(starts, starts[1:]):
                 part = chunk.slice(lo, hi - lo)
-                yield self._unit(list(zip(*(column.to_pylist() for column in part.columns))), staged)
+                # (a list, not a generator, behind `*`: CPython grows a tuple from a generator in place, which fails
+                # with SystemError when another thread holds it meanwhile, e.g. through gc.get_objects())
+                yield self._unit(list(zip(*[column.to_pylist() for column in part.columns])), staged)
 
     def _source(self, file_no: int) -> str:
         """The file as reports name it: a saved dataset's export names its folder."""
