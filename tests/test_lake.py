@@ -411,8 +411,8 @@ def test_a_process_attaches_a_lake_once_for_all_its_loads_and_threads_load_at_on
 
 
 def test_a_lake_made_again_at_the_same_path_is_loaded_into_not_the_old_one(tmp_path):
-    """The held lake is the catalog it attached: a lake deleted and made again at the same path (a test, a
-    user starting over, here with another data folder) gets the next load, not the lake as attached before."""
+    """A process holds the lake it attached: a lake deleted and made again at the same path (a test, a user
+    starting over, here with another data folder) still gets the process's next load, not the old one."""
     import shutil
 
     from heads.registry import result_tables
