@@ -428,10 +428,9 @@ def test_a_lake_made_again_at_the_same_path_is_loaded_into_not_the_old_one(tmp_p
 
 
 def test_a_lake_migrated_past_this_code_is_refused_by_a_process_that_holds_it(tmp_path):
-    from heads.registry import result_tables
-    from storage import migrations
     from core.errors import SchemaTooNew
-    from storage import lake as lakes
+    from heads.registry import result_tables
+    from storage import lake as lakes, migrations
 
     lake, _ = _new_lake(tmp_path, "sqlite", None)
     assert db.load_shard(lake, _package(lake, "a", range(3), "old"), tables=result_tables()) == (3, 0)
