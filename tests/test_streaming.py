@@ -249,6 +249,39 @@ def test_a_unit_reads_its_rows_without_decoding_their_whole_row_group(tmp_path):
     assert peak < group_text / 2, (peak, group_text)  # 4.9MB; decoding the whole group: 18.8MB
 
 
+def test_units_of_a_process_decode_the_corpus_one_at_a_time(tmp_path):
+    """DuckDB's `COPY ... TO 'x.parquet'` writes a row group's text column as one page, and a page is decoded
+    whole: every unit reading such a file at once held its own copy of the page (~20MB for 122,880 news-like
+    rows). Units of one process (threads of a run or of a Dask worker) now read one at a time: four reading
+    at once need about what one needs."""
+    path = tmp_path / "duckdb-written.parquet"
+    duckdb.sql(f"COPY (SELECT i AS id, 'story ' || i || ' ' || repeat('market talks said year ', 6) AS text "
+               f"FROM range(60000) t(i)) TO '{path}'")
+    measure = ("import sys, threading, pyarrow as pa\n"
+               "pool = pa.proxy_memory_pool(pa.system_memory_pool()); pa.set_memory_pool(pool)\n"
+               "from storage.corpus import read_rows\n"
+               "readers = int(sys.argv[2]); start = threading.Barrier(readers); got = []\n"
+               "def unit(k):\n"
+               "    start.wait()\n"
+               "    for j in range(8):  # units of a process, one after another on each thread\n"
+               "        at = (k * 8 + j) * 1500\n"
+               "        unit_rows = read_rows(sys.argv[1], list(range(at, at + 1500)), ['id', 'text'])\n"
+               "        got.append(unit_rows.column('id')[0].as_py())  # not the rows: one page is measured\n"
+               "threads = [threading.Thread(target=unit, args=(k,)) for k in range(readers)]\n"
+               "[t.start() for t in threads]; [t.join() for t in threads]\n"
+               "assert sorted(got) == [u * 1500 for u in range(readers * 8)]\n"
+               "print(pool.max_memory(), flush=True); import os; os._exit(0)")
+
+    def peak(readers: int) -> int:
+        return int(subprocess.run([sys.executable, "-c", measure, str(path), str(readers)], capture_output=True,
+                                  text=True, check=True).stdout)
+
+    one = peak(1)
+    assert one > pq.ParquetFile(path).metadata.row_group(0).column(1).total_uncompressed_size / 2  # one page
+    four = peak(4)
+    assert four < 1.5 * one, (four, one)  # each its own page: ~4x
+
+
 def test_a_plan_hands_its_duckdb_memory_back_before_any_unit_runs(tmp_path):
     """The plan's work tables filled the planning connection's buffer pool (up to `memory_limit`) for the whole
     run, as units were read back a chunk at a time: a 1M-document run held ~50MB more than a 100k one, a 10M
