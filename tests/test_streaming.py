@@ -226,6 +226,17 @@ def test_plan_only_plans_within_memory_limit_too(tmp_path, tiny_models, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "hash-cache", "pipeline.toml"]  # the fixture's
 
 
+def _arrow_peak(body: str, *args: str) -> int:
+    """The most Arrow memory a fresh process held running `body` (with `read_rows` imported, `args` as
+    sys.argv[1:]), through a proxy of the system pool."""
+    code = ("import json, os, sys, pyarrow as pa\n"
+            "pool = pa.proxy_memory_pool(pa.system_memory_pool()); pa.set_memory_pool(pool)\n"
+            "from storage.corpus import read_rows\n" + body +
+            "print(pool.max_memory(), flush=True); os._exit(0)")  # a proxy pool's buffers must not outlive it
+    return int(subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                              check=True).stdout)
+
+
 def test_a_unit_reads_its_rows_without_decoding_their_whole_row_group(tmp_path):
     """A unit of a few thousand rows sits in a Parquet row group of up to ~123k (DuckDB's and many writers'
     size): decoding the whole group to take the unit's rows held tens of MB per unit in flight. The rows
@@ -238,13 +249,8 @@ def test_a_unit_reads_its_rows_without_decoding_their_whole_row_group(tmp_path):
                    path, row_group_size=n)
     rows = [30_500, 30_001, 30_002] + list(range(31_000, 33_000)) + [30_001]  # out of order, one twice
     assert read_rows(str(path), rows, ["id", "text"]).equals(pq.read_table(path).take(rows))
-    measure = ("import json, os, sys, pyarrow as pa\n"
-               "pool = pa.proxy_memory_pool(pa.system_memory_pool()); pa.set_memory_pool(pool)\n"
-               "from storage.corpus import read_rows\n"
-               "got = read_rows(sys.argv[1], json.loads(sys.argv[2]), ['id', 'text'])\n"
-               "print(pool.max_memory(), flush=True); os._exit(0)")  # a proxy pool's buffers must not outlive it
-    peak = int(subprocess.run([sys.executable, "-c", measure, str(path), json.dumps(rows)], capture_output=True,
-                              text=True, check=True).stdout)
+    peak = _arrow_peak("got = read_rows(sys.argv[1], json.loads(sys.argv[2]), ['id', 'text'])\n",
+                       str(path), json.dumps(rows))
     group_text = pq.ParquetFile(path).metadata.row_group(0).total_byte_size
     assert peak < group_text / 2, (peak, group_text)  # 4.9MB; decoding the whole group: 18.8MB
 
@@ -257,9 +263,7 @@ def test_units_of_a_process_decode_the_corpus_one_at_a_time(tmp_path):
     path = tmp_path / "duckdb-written.parquet"
     duckdb.sql(f"COPY (SELECT i AS id, 'story ' || i || ' ' || repeat('market talks said year ', 6) AS text "
                f"FROM range(60000) t(i)) TO '{path}'")
-    measure = ("import sys, threading, pyarrow as pa\n"
-               "pool = pa.proxy_memory_pool(pa.system_memory_pool()); pa.set_memory_pool(pool)\n"
-               "from storage.corpus import read_rows\n"
+    measure = ("import threading\n"
                "readers = int(sys.argv[2]); start = threading.Barrier(readers); got = []\n"
                "def unit(k):\n"
                "    start.wait()\n"
@@ -269,16 +273,10 @@ def test_units_of_a_process_decode_the_corpus_one_at_a_time(tmp_path):
                "        got.append(unit_rows.column('id')[0].as_py())  # not the rows: one page is measured\n"
                "threads = [threading.Thread(target=unit, args=(k,)) for k in range(readers)]\n"
                "[t.start() for t in threads]; [t.join() for t in threads]\n"
-               "assert sorted(got) == [u * 1500 for u in range(readers * 8)]\n"
-               "print(pool.max_memory(), flush=True); import os; os._exit(0)")
-
-    def peak(readers: int) -> int:
-        return int(subprocess.run([sys.executable, "-c", measure, str(path), str(readers)], capture_output=True,
-                                  text=True, check=True).stdout)
-
-    one = peak(1)
+               "assert sorted(got) == [u * 1500 for u in range(readers * 8)]\n")
+    one = _arrow_peak(measure, str(path), "1")
     assert one > pq.ParquetFile(path).metadata.row_group(0).column(1).total_uncompressed_size / 2  # one page
-    four = peak(4)
+    four = _arrow_peak(measure, str(path), "4")
     assert four < 1.5 * one, (four, one)  # each its own page: ~4x
 
 
