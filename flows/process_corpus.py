@@ -31,7 +31,7 @@ from tasks.inference import infer_unit, shard_id_for
 from tasks.load import create_database, load_staged, stage_evaluation, stage_run_finish, stage_run_start, wait_readable
 from tasks.models import identify_models, load_models
 
-from .artifact import HeadProgress, publish_run_artifact
+from .artifact import ProgressArtifacts, publish_run_artifact
 
 
 @dataclass
@@ -320,31 +320,32 @@ def _run_level(cfg, level, plans, level_plan, s: RunSummary, staging: str, windo
     from the plan only when one leaves the window, so memory follows the window, not the corpus."""
     t0 = time.perf_counter()
     log = get_run_logger()
-    progress: dict[str, HeadProgress] = {}
-    for h in level:
-        hs, plan = s.heads[h.name], plans[h.name]
-        hs.routed, hs.unchanged, hs.duplicates = plan.routed, plan.unchanged, plan.duplicates
-        hs.retried, hs.skipped_failed = plan.retried, plan.skipped_failed
-        log.info(f"plan {h.name}: {plan.routed} routed, {plan.unchanged} unchanged, {plan.duplicates} duplicates, "
-                 f"{plan.skipped_failed} failed before and skipped; {plan.to_infer} to infer ({plan.retried} retried) "
-                 f"in {plan.n_units} units" + (f", {plan.conflicts} conflicting ids" if plan.conflicts else ""))
-        emit("head_planned", head=h.name, units=plan.n_units, docs=plan.to_infer + plan.conflicts)
-        progress[h.name] = HeadProgress(h.name, plan.to_infer + plan.conflicts, plan.n_units)
-    pending: dict = {}
-    numbers = {h.name: 0 for h in level}
-    for h, unit in _round_robin(level, level_plan):
-        while len(pending) >= window:
+    with ProgressArtifacts() as progress:
+        for h in level:
+            hs, plan = s.heads[h.name], plans[h.name]
+            hs.routed, hs.unchanged, hs.duplicates = plan.routed, plan.unchanged, plan.duplicates
+            hs.retried, hs.skipped_failed = plan.retried, plan.skipped_failed
+            log.info(f"plan {h.name}: {plan.routed} routed, {plan.unchanged} unchanged, {plan.duplicates} "
+                     f"duplicates, {plan.skipped_failed} failed before and skipped; {plan.to_infer} to infer "
+                     f"({plan.retried} retried) in {plan.n_units} units"
+                     + (f", {plan.conflicts} conflicting ids" if plan.conflicts else ""))
+            emit("head_planned", head=h.name, units=plan.n_units, docs=plan.to_infer + plan.conflicts)
+            progress.add(h.name, plan.to_infer + plan.conflicts, plan.n_units)
+        pending: dict = {}
+        numbers = {h.name: 0 for h in level}
+        for h, unit in _round_robin(level, level_plan):
+            while len(pending) >= window:
+                _finish_one(cfg, pending, progress, s, t0, loader)
+            numbers[h.name] += 1  # task runs read `infer-<head>-<n>` in the UI
+            future = infer_unit.with_options(task_run_name=f"infer-{h.name}-{numbers[h.name]}").submit(
+                unit, h, cfg.id_column, cfg.text_column, s.run_id, s.heads[h.name].model_id, staging,
+                cfg.max_resident_models, cfg.database if is_lake(cfg.database) else None)
+            pending[future] = (h, unit)
+        while pending:
             _finish_one(cfg, pending, progress, s, t0, loader)
-        numbers[h.name] += 1  # task runs read `infer-<head>-<n>` in the UI
-        future = infer_unit.with_options(task_run_name=f"infer-{h.name}-{numbers[h.name]}").submit(
-            unit, h, cfg.id_column, cfg.text_column, s.run_id, s.heads[h.name].model_id, staging,
-            cfg.max_resident_models, cfg.database if is_lake(cfg.database) else None)
-        pending[future] = (h, unit)
-    while pending:
-        _finish_one(cfg, pending, progress, s, t0, loader)
 
 
-def _finish_one(cfg, pending: dict, progress: dict, s: RunSummary, t0: float, loader) -> None:
+def _finish_one(cfg, pending: dict, progress: ProgressArtifacts, s: RunSummary, t0: float, loader) -> None:
     """Wait for the first unit in flight to finish, count it and load what is staged if the file is free."""
     future = next(iter(as_completed(list(pending))))
     h, unit = pending.pop(future)
@@ -358,7 +359,7 @@ def _finish_one(cfg, pending: dict, progress: dict, s: RunSummary, t0: float, lo
         s.file_errors.append(f"{unit.source or unit.path}: {h.name} failed on rows {unit.unit_id} "
                              f"({type(exc).__name__}: {str(exc).strip()[:200]})")
         emit("unit_done", head=h.name, docs=len(unit.rows) + len(unit.refused), failed=0)
-        progress[h.name].unit_done(len(unit.rows) + len(unit.refused), failed=True)
+        progress.unit_done(h.name, len(unit.rows) + len(unit.refused), failed=True)
         return
     finally:
         hs.seconds = time.perf_counter() - t0  # the head's share of the level: until its last unit
@@ -372,7 +373,7 @@ def _finish_one(cfg, pending: dict, progress: dict, s: RunSummary, t0: float, lo
     if out.worker not in hs.workers:
         hs.workers.append(out.worker)
     emit("unit_done", head=h.name, docs=len(unit.rows) + len(unit.refused), failed=out.failed)
-    progress[h.name].unit_done(len(unit.rows) + len(unit.refused))
+    progress.unit_done(h.name, len(unit.rows) + len(unit.refused))
     loader.units = [(h.name, unit), *((x.name, u) for x, u in pending.values())]
     try:
         loader.load(0)

@@ -153,3 +153,51 @@ def test_each_heads_plan_is_one_log_line(ui_run):
         "5 to infer (0 retried) in 3 units",
         "plan topic: 5 routed, 0 unchanged, 0 duplicates, 0 failed before and skipped; "
         "5 to infer (0 retried) in 3 units"]
+
+
+def test_a_slow_prefect_api_does_not_hold_up_units_or_loads(tmp_path, tiny_models, prefect_harness):
+    """Progress artifacts are published beside the work, not in its way: a 10M-document run stood still
+    for ~25 s while the flow's thread waited on the API to move one. Here the API takes the first update
+    and does not answer until every unit of the run is counted and loaded; then the last state it is
+    sent is the final one."""
+    import threading
+
+    import flows.process_corpus as pc
+    import prefect.artifacts as artifacts
+
+    rows = [{"id": f"d{i}", "text": f"Report {i}: Maria Lopez met the board of Acme in Paris."} for i in range(6)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "docs.parquet")
+    (tmp_path / "p.toml").write_text(f"""
+corpus = "docs.parquet"
+database = "r.duckdb"
+unit_docs = 2
+
+[heads.topic]
+task = "classification"
+model = "{tiny_models['classification']}"
+""")
+    all_counted, held = threading.Event(), threading.Event()
+    sent: list[tuple[float, str]] = []
+    counted, answered = [], []
+
+    def slow_update(artifact_id, progress, description=None, client=None):
+        if not held.is_set():
+            held.set()
+            # before the fix the flow's own thread waits here, so no unit can be counted: a 20 s timeout
+            answered.append(all_counted.wait(timeout=20))
+        sent.append((progress, description))
+        return artifact_id
+
+    def counting_emit(event, **info):
+        if event == "unit_done":
+            counted.append(info)
+            if len(counted) == 3:
+                all_counted.set()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(artifacts, "update_progress_artifact", slow_update)
+        mp.setattr(pc, "emit", counting_emit)
+        summary = pc.process_corpus(config_path=str(tmp_path / "p.toml"))
+    assert summary["heads"]["topic"]["done"] == 6 and summary["status"] == "completed"
+    assert answered == [True], "the flow's thread waited on the progress artifact: no unit was counted meanwhile"
+    assert sent[-1] == (100.0, "head `topic`: 6/6 documents, 3/3 units")
