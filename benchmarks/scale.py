@@ -9,12 +9,14 @@ Per size, each measurement in its own process (peak RSS from getrusage of that c
 - plan (lists): the same plan with every unit built in Python at once (plan_work, the old way) - the peer;
 - load: staged packages of `unit_docs` documents loaded into an empty table, then again into the table
   holding every row (each package replaces its documents) - docs/s each;
-- load into N rows (`loadinto`, `--load-rows`, `--lake`): tables (of a .duckdb file, or of a DuckLake
-  with a SQLite catalog) already holding N documents loaded 2,000 at a time (ids in no order), then the
-  time to load one 2,000-document package re-inferring the documents of one earlier load, as the plan
-  stages it (the load that holds them: the DELETEs look in its row groups only) and without those facts
-  (a package of older code: the DELETEs search the whole head), the same for a package of 2,000 new
-  documents (an append, a first run: nothing to delete), on a lake also each attached anew (`*_fresh_s`: as
+- load into N rows (`loadinto`, `--load-rows`, `--load-failed`, `--lake`): tables (of a .duckdb file, or of a
+  DuckLake with a SQLite catalog) already holding N documents loaded 2,000 at a time (ids in no order), and
+  failures of a share of N more documents in failed_docs (10%: terminal ones stay until text or model
+  changes), then the time to load one 2,000-document package re-inferring the documents of one earlier
+  load, as the plan stages it (the load that holds them: the DELETEs look in its row groups only) and
+  without those facts (a package of older code: the DELETEs search the whole head), the same for a
+  package of 2,000 new documents (an append, a first run: nothing to delete) and of 2,000 new ones of
+  which 200 fail (`new_failing_s`), on a lake also each attached anew (`*_fresh_s`: as
   before a process held its lake), 16 re-inferring packages one transaction each
   (`load_shard`), and 16 queued ones through the run's loader (`load_staged`: one transaction into a
   file, one each into a lake);
@@ -139,7 +141,7 @@ import json, os, statistics, sys, time
 from heads.registry import result_tables
 from storage import db, lake
 from storage.staging import stage_shard, staging_root
-database, n = sys.argv[1], int(sys.argv[2])
+database, n, failures = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 on_lake = lake.is_lake(database)
 tables = result_tables()
 table = next(t for t in tables if t.name == "languages")
@@ -154,6 +156,9 @@ con.execute("INSERT INTO languages BY NAME SELECT 'lang' AS head, i::VARCHAR AS 
 con.execute("INSERT INTO doc_state (head, doc_id, fingerprint, model_id, run_id, status, updated_at, load_id) "
             "SELECT 'lang', i::VARCHAR, 'f', 'm-lang', 'seed', 'done', now(), "
             "(row_number() OVER (ORDER BY hash(i)) - 1) // 2000 + 1 FROM range(?) t(i) ORDER BY hash(i)", [n])
+con.execute("INSERT INTO failed_docs BY NAME SELECT 'lang' AS head, md5(i::VARCHAR) AS doc_id, 'boom' AS error, "
+            "'forward' AS stage, 'seed.parquet' AS source_file, i AS source_row, 'terminal' AS kind, 1 AS attempts, "
+            "'f' AS fingerprint, 'seed' AS run_id, 'm-lang' AS model_id FROM range(?) t(i)", [failures])
 con.execute("INSERT INTO loaded_shards (shard_id, run_id, head, result_rows, failed_rows, loaded_at, load_id, plan_id) "
             "SELECT 'seed-' || k, 'seed', 'lang', 2000, 0, now(), k, 'seed' FROM range(1, ? + 1) t(k)", [loads])
 con.close()
@@ -161,7 +166,7 @@ fill = time.perf_counter() - t0
 fresh = 0  # new documents made so far
 
 
-def package(folder, name, load, everywhere=False, new=False):
+def package(folder, name, load, everywhere=False, new=False, failing=0):
     # the 2,000 documents of an earlier load, re-inferred (a changed model, `--full`), or 2,000 new ones
     # (`new`: an append, a first run): what the plan sends (their load from doc_state, the last load it
     # saw, on a lake the snapshot it read); `everywhere`: no such facts, as before load ids (or before
@@ -176,25 +181,29 @@ def package(folder, name, load, everywhere=False, new=False):
     last = c.execute("SELECT max(load_id) FROM loaded_shards").fetchone()[0] or 0
     snapshot = lake.current_snapshot(c) if on_lake else None
     c.close()
-    rows = [{"head": "lang", "doc_id": d, "language": "de", "confidence": 0.8, "n_chars": 90} for d in ids]
-    covered = [{"doc_id": d, "fingerprint": "g", "status": "done"} for d in ids]
+    rows = [{"head": "lang", "doc_id": d, "language": "de", "confidence": 0.8, "n_chars": 90} for d in ids[failing:]]
+    covered = [{"doc_id": d, "fingerprint": "g", "status": "failed" if k < failing else "done"} for k, d in enumerate(ids)]
+    failed = [{"head": "lang", "doc_id": d, "error": "boom", "stage": "forward", "source_file": "c.parquet",
+               "source_row": n + fresh + k, "kind": "transient", "fingerprint": "g", "run_id": "bench",
+               "model_id": "m-lang"} for k, d in enumerate(ids[:failing])]
     os.makedirs(folder, exist_ok=True)
     where = {} if everywhere else {"replaces": [] if new else [load], "planned_after": last, "plan_id": "bench",
                                    "planned_snapshot": snapshot}
-    return stage_shard(folder, name, "lang", table, "m-lang", rows, [], covered, "bench", **where)
+    return stage_shard(folder, name, "lang", table, "m-lang", rows, failed, covered, "bench", **where)
 
 
 spread = max(loads - 1, 1) // 16
 out = {"fill_s": fill}
-cases = [("one_s", False, False, False), ("one_everywhere_s", True, False, False), ("new_s", False, True, False),
-         ("new_everywhere_s", True, True, False)]
+cases = [("one_s", False, False, False, 0), ("one_everywhere_s", True, False, False, 0),
+         ("new_s", False, True, False, 0), ("new_everywhere_s", True, True, False, 0),
+         ("new_failing_s", False, True, False, 200)]  # 200 of its 2,000 new documents fail
 if on_lake:  # a process loads through the lake it holds (attached once); `anew`: attached again for each load
-    cases += [("one_fresh_s", False, False, True), ("new_fresh_s", False, True, True)]
-for label, everywhere, new, anew in cases:
+    cases += [("one_fresh_s", False, False, True, 0), ("new_fresh_s", False, True, True, 0)]
+for label, everywhere, new, anew, failing in cases:
     took = []
     for k in range(5):
         m = package(stage + "/" + label, f"{label}-{k}", 1 + (k * 7 + 3 + everywhere + 2 * anew) * spread % max(loads, 1),
-                    everywhere, new)
+                    everywhere, new, failing)
         if anew:
             lake.release()
         t0 = time.perf_counter(); db.load_shard(database, m, tables=tables); took.append(time.perf_counter() - t0)
@@ -351,6 +360,8 @@ def main() -> None:
     ap.add_argument("--run-model", default="language", choices=["language", "tiny"],
                     help="run: the heads' model (tiny: a 2-layer BERT classifier over whole documents)")
     ap.add_argument("--load-rows", default="0,1000000,10000000", help="loadinto: rows already in the tables")
+    ap.add_argument("--load-failed", type=float, default=0.1, help="loadinto: failure rows of the head already "
+                    "in failed_docs, as a share of --load-rows")
     ap.add_argument("--lake", action="store_true", help="loadinto: into a DuckLake (SQLite catalog), not a "
                     ".duckdb file")
     args = ap.parse_args()
@@ -413,8 +424,9 @@ def main() -> None:
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
             target = f"ducklake:sqlite:{folder / 'results.sqlite'}" if args.lake else str(folder / "results.duckdb")
-            out, rss = child(LOAD_INTO, target, str(n))
-            r = {"rows_in_table": n, "lake": args.lake, **out, "rss_mb": rss}
+            failures = int(n * args.load_failed)
+            out, rss = child(LOAD_INTO, target, str(n), str(failures))
+            r = {"rows_in_table": n, "failed_in_table": failures, "lake": args.lake, **out, "rss_mb": rss}
             print(json.dumps(r), flush=True)
             results.append(r)
     (work / "results.json").write_text(json.dumps(results, indent=1))

@@ -562,22 +562,32 @@ def _replace_docs(con, table: str, head: str, packages: Sequence[tuple[dict, dic
     for part, data in staged.items():
         con.register(f"staged_{part}", data)
     try:
-        # attempts in a row on the same text and model: the previous failure's count + 1
-        con.execute(
-            "CREATE OR REPLACE TEMP TABLE new_failed AS SELECT s.* REPLACE ("
-            # fingerprints compare by their first 32 hex digits (what the planner stores; earlier versions: 64)
-            "  CASE WHEN p.doc_id IS NOT NULL AND left(p.fingerprint, 32) IS NOT DISTINCT FROM left(s.fingerprint, 32) "
-            "  AND p.model_id = s.model_id THEN p.attempts + 1 ELSE 1 END::INTEGER AS attempts) "
-            "FROM staged_failed s LEFT JOIN (SELECT doc_id, fingerprint, model_id, coalesce(max(attempts), 1) "
-            "  AS attempts FROM failed_docs WHERE head = ? AND stage <> 'plan' AND doc_id IS NOT NULL "
-            "  GROUP BY ALL) p ON p.doc_id = s.doc_id AND s.stage <> 'plan'", [head])
+        failures = staged["failed"].num_rows > 0
+        if failures:  # attempts in a row on the same text and model: the previous failure's count + 1
+            con.execute(
+                "CREATE OR REPLACE TEMP TABLE new_failed AS SELECT s.* REPLACE ("
+                # fingerprints compare by their first 32 hex digits (what the planner stores; earlier: 64)
+                "  CASE WHEN p.doc_id IS NOT NULL AND left(p.fingerprint, 32) IS NOT DISTINCT FROM "
+                "  left(s.fingerprint, 32) AND p.model_id = s.model_id THEN p.attempts + 1 ELSE 1 END::INTEGER "
+                "  AS attempts) "
+                "FROM staged_failed s LEFT JOIN (SELECT doc_id, fingerprint, model_id, coalesce(max(attempts), 1) "
+                "  AS attempts FROM failed_docs WHERE head = ? AND stage <> 'plan' "
+                "  AND doc_id IN (SELECT doc_id FROM staged_failed) GROUP BY ALL) p "
+                "ON p.doc_id = s.doc_id AND s.stage <> 'plan'", [head])
         for target in (table, "doc_state"):
             _delete_done_docs(con, target, head, replaced)
-        con.execute("DELETE FROM failed_docs f WHERE head = ? AND (doc_id IN (SELECT doc_id FROM staged_covered) "
-                    "OR EXISTS (SELECT 1 FROM staged_failed s WHERE s.source_file = f.source_file "
-                    "AND s.source_row = f.source_row))", [head])
+        # failed_docs has no load ids: each statement on it is one hash semi-join on a single column over
+        # the head's failures (~5 ms at 1M), never a join per row: ORed into one DELETE, keyed on two
+        # columns, and with the attempts aggregated over all failures, a load took 0.29-0.54 s at 1M
+        con.execute("DELETE FROM failed_docs WHERE head = ? AND doc_id IN (SELECT doc_id FROM staged_covered)",
+                    [head])
+        if failures:  # a failure replaces the one at the same place (rows without an id have no other key)
+            con.execute("DELETE FROM failed_docs f WHERE head = ? AND source_row IN (SELECT source_row FROM "
+                        "staged_failed) AND EXISTS (SELECT 1 FROM staged_failed s WHERE s.source_file = "
+                        "f.source_file AND s.source_row = f.source_row)", [head])
         con.execute(f"INSERT INTO {table} BY NAME SELECT *, ?::BIGINT AS load_id FROM staged_results", [load_id])
-        con.execute("INSERT INTO failed_docs BY NAME SELECT * FROM new_failed")
+        if failures:
+            con.execute("INSERT INTO failed_docs BY NAME SELECT * FROM new_failed")
         con.execute("INSERT INTO doc_state (head, doc_id, fingerprint, model_id, run_id, status, updated_at, load_id) "
                     "SELECT ?, doc_id, fingerprint, model_id, run_id, status, ?, ? "
                     "FROM staged_covered WHERE status = 'done'", [head, _now(), load_id])

@@ -127,3 +127,48 @@ def test_loads_write_row_groups_small_enough_to_compress_in_little_memory(tmp_pa
             assert max(n for _, n in groups) <= 16_384, (name, groups)
     finally:
         con.close()
+
+
+def test_failures_count_attempts_and_are_replaced_by_document_or_source_row(tmp_path):
+    """What a load does to `failed_docs`, whichever way it finds the rows to replace: a document that
+    fails again on the same text and model counts up, a new model starts again at 1, a row without an id
+    is replaced by a failure at the same place in the same file, a success clears its document's
+    failures, and nothing of another head or place is touched."""
+    database = str(tmp_path / "r.duckdb")
+    db.ensure_schema(database, tables=TABLES)
+    folder = tmp_path / "r.duckdb.staging" / "r"
+    folder.mkdir(parents=True)
+    no_id = {**_failed("9", "r"), "doc_id": None, "stage": "plan", "kind": "terminal", "error": "no id"}
+
+    def load(name, done=(), failed=(), model="m"):
+        failed = [{**f, "model_id": model} for f in failed]
+        covered = [{"doc_id": k, "fingerprint": "fp-" + k, "status": "done"} for k in done] + \
+                  [{"doc_id": f["doc_id"], "fingerprint": f["fingerprint"], "status": "failed"}
+                   for f in failed if f["doc_id"] is not None]
+        db.load_shard(database, stage_shard(folder, name, "topic", table("classifications"), model,
+                                            [_row(k, "a", "r") for k in done], failed, covered, "r"), tables=TABLES)
+
+    def failures():
+        con = duckdb.connect(database, read_only=True)
+        try:
+            return con.execute("SELECT head, doc_id, source_row, model_id, attempts FROM failed_docs "
+                               "ORDER BY head, doc_id NULLS FIRST").fetchall()
+        finally:
+            con.close()
+
+    con = duckdb.connect(database)
+    con.execute("INSERT INTO failed_docs BY NAME SELECT 'people' AS head, '7' AS doc_id, 'c.parquet' AS source_file, "
+                "9 AS source_row, 'forward' AS stage, 'terminal' AS kind, 'x' AS error, 'm' AS model_id, 1 AS attempts")
+    con.close()
+    load("s1", failed=[_failed("7", "r"), _failed("8", "r"), no_id])
+    assert failures() == [("people", "7", 9, "m", 1), ("topic", None, 9, "m", 1), ("topic", "7", 7, "m", 1),
+                          ("topic", "8", 8, "m", 1)]
+    load("s2", failed=[_failed("7", "r"), no_id])  # again: 7 counts up, the id-less row is replaced
+    assert failures() == [("people", "7", 9, "m", 1), ("topic", None, 9, "m", 1), ("topic", "7", 7, "m", 2),
+                          ("topic", "8", 8, "m", 1)]
+    load("s3", failed=[_failed("7", "r")], model="m2")  # another model: a first attempt
+    assert failures() == [("people", "7", 9, "m", 1), ("topic", None, 9, "m", 1), ("topic", "7", 7, "m2", 1),
+                          ("topic", "8", 8, "m", 1)]
+    load("s4", done=["7"])  # a success clears its document's failures only
+    load("s5", done=["1"])  # and a package without failures leaves them all
+    assert failures() == [("people", "7", 9, "m", 1), ("topic", None, 9, "m", 1), ("topic", "8", 8, "m", 1)]
