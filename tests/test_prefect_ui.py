@@ -201,3 +201,38 @@ model = "{tiny_models['classification']}"
     assert summary["heads"]["topic"]["done"] == 6 and summary["status"] == "completed"
     assert answered == [True], "the flow's thread waited on the progress artifact: no unit was counted meanwhile"
     assert sent[-1] == (100.0, "head `topic`: 6/6 documents, 3/3 units")
+
+
+def test_a_progress_artifact_the_api_refuses_is_a_warning_not_a_failed_run(prefect_harness):
+    """The updates run on their own thread: an API error there is logged to the flow run like one on
+    the flow's thread, and the work goes on."""
+    import prefect.artifacts as artifacts
+    from prefect import flow
+
+    from flows.artifact import ProgressArtifacts
+
+    def refuse(**kwargs):
+        raise RuntimeError("the API said no")
+
+    @flow
+    def counts():
+        with ProgressArtifacts(every=0.01) as progress:
+            progress.add("topic", docs=4, units=2)
+            progress.unit_done("topic", 2)
+            progress.unit_done("topic", 2)
+        return progress.heads["topic"].description()
+
+    class Kept(logging.Handler):
+        def emit(self, record):
+            warnings.append(record.getMessage())
+
+    warnings, kept, flow_logger = [], Kept(logging.WARNING), logging.getLogger("prefect.flow_runs")
+    flow_logger.addHandler(kept)  # Prefect's loggers do not propagate to pytest's
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(artifacts, "update_progress_artifact", refuse)
+            assert counts() == "head `topic`: 4/4 documents, 2/2 units"
+    finally:
+        flow_logger.removeHandler(kept)
+    assert warnings and all(w == "progress artifact of head topic not updated: RuntimeError: the API said no"
+                            for w in warnings), warnings
