@@ -182,7 +182,8 @@ def package(folder, name, load, everywhere=False, new=False, failing=0):
     snapshot = lake.current_snapshot(c) if on_lake else None
     c.close()
     rows = [{"head": "lang", "doc_id": d, "language": "de", "confidence": 0.8, "n_chars": 90} for d in ids[failing:]]
-    covered = [{"doc_id": d, "fingerprint": "g", "status": "failed" if k < failing else "done"} for k, d in enumerate(ids)]
+    covered = [{"doc_id": d, "fingerprint": "g", "status": "failed" if k < failing else "done"}
+               for k, d in enumerate(ids)]
     failed = [{"head": "lang", "doc_id": d, "error": "boom", "stage": "forward", "source_file": "c.parquet",
                "source_row": n + fresh + k, "kind": "transient", "fingerprint": "g", "run_id": "bench",
                "model_id": "m-lang"} for k, d in enumerate(ids[:failing])]
