@@ -3,7 +3,8 @@
 One corpus run (two heads, several units each) is shared by every assertion: the flow run is named
 after the config, each unit's task run after its head and number, each head has a progress artifact
 that reaches 100, each head's plan is one log line, and `infer_unit` retries an infrastructure fault
-(a stale shared-filesystem handle) while a bug fails its unit at once, loudly.
+(a stale shared-filesystem handle) while a bug fails its unit at once, loudly. Apart from it: a slow
+or refusing API moves the progress artifacts late, or logs a warning, and never holds up the work.
 """
 from __future__ import annotations
 
@@ -29,6 +30,21 @@ def _wait(what: str, read, ready, timeout: float = 30.0):
         time.sleep(0.3)
 
 
+def _corpus_and_config(config, docs: int, tiny_models, more_heads: str = "") -> None:
+    """`docs` documents beside `config`, run by a topic head (and `more_heads`) two documents a unit."""
+    rows = [{"id": f"d{i}", "text": f"Report {i}: Maria Lopez met the board of Acme in Paris."} for i in range(docs)]
+    pq.write_table(pa.Table.from_pylist(rows), config.parent / "docs.parquet")
+    config.write_text(f"""
+corpus = "docs.parquet"
+database = "r.duckdb"
+unit_docs = 2
+
+[heads.topic]
+task = "classification"
+model = "{tiny_models['classification']}"
+""" + more_heads)
+
+
 @pytest.fixture(scope="module")
 def ui_run(tmp_path_factory, tiny_models, prefect_harness):
     import flows.process_corpus as pc
@@ -37,17 +53,7 @@ def ui_run(tmp_path_factory, tiny_models, prefect_harness):
     from prefect.logging.handlers import APILogWorker
 
     root = tmp_path_factory.mktemp("ui")
-    rows = [{"id": f"d{i}", "text": f"Report {i}: Maria Lopez met the board of Acme in Paris."} for i in range(5)]
-    pq.write_table(pa.Table.from_pylist(rows), root / "docs.parquet")
-    (root / "news_daily.toml").write_text(f"""
-corpus = "docs.parquet"
-database = "r.duckdb"
-unit_docs = 2
-
-[heads.topic]
-task = "classification"
-model = "{tiny_models['classification']}"
-
+    _corpus_and_config(root / "news_daily.toml", 5, tiny_models, f"""
 [heads.people_2]
 task = "ner"
 model = "{tiny_models['ner']}"
@@ -158,24 +164,14 @@ def test_each_heads_plan_is_one_log_line(ui_run):
 def test_a_slow_prefect_api_does_not_hold_up_units_or_loads(tmp_path, tiny_models, prefect_harness):
     """Progress artifacts are published beside the work, not in its way: a 10M-document run stood still
     for ~25 s while the flow's thread waited on the API to move one. Here the API takes the first update
-    and does not answer until every unit of the run is counted and loaded; then the last state it is
-    sent is the final one."""
+    and does not answer until every unit of the run is counted; then the last state it is sent is the
+    final one."""
     import threading
 
     import flows.process_corpus as pc
     import prefect.artifacts as artifacts
 
-    rows = [{"id": f"d{i}", "text": f"Report {i}: Maria Lopez met the board of Acme in Paris."} for i in range(6)]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "docs.parquet")
-    (tmp_path / "p.toml").write_text(f"""
-corpus = "docs.parquet"
-database = "r.duckdb"
-unit_docs = 2
-
-[heads.topic]
-task = "classification"
-model = "{tiny_models['classification']}"
-""")
+    _corpus_and_config(tmp_path / "p.toml", 6, tiny_models)
     all_counted, held = threading.Event(), threading.Event()
     sent: list[tuple[float, str]] = []
     counted, answered = [], []
