@@ -157,7 +157,7 @@ class ProgressArtifacts:
 
     def _publish(self) -> None:
         with self._lock:
-            changed = [(self.heads[h], self.heads[h].percent(), self.heads[h].description()) for h in self._changed]
+            changed = [(p, p.percent(), p.description()) for p in map(self.heads.get, self._changed)]
             self._changed.clear()
         for p, percent, description in changed:
             if p.id is not None:
