@@ -351,19 +351,21 @@ def open_plan(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
                     f"{', '.join(exprs)} FROM {source})", [file_no, literal_path(path)])
             except duckdb.Error as exc:
                 if isinstance(exc, duckdb.OutOfMemoryException):  # the machine's limit, not the file: loud
-                    raise duckdb.OutOfMemoryException(
-                        f"planning ran out of memory at {short_name(path)} (memory_limit {memory_limit or 'DuckDB default'}"
-                        f"): raise the config's memory_limit, or give the staging folder room to spill "
-                        f"({str(exc).strip().splitlines()[0]})") from exc
+                    raise _out_of_memory(exc, f"at {short_name(path)}", memory_limit) from exc
                 if isinstance(exc, NOT_THE_FILES_FAULT):  # a fault of this process or of DuckDB itself: loud
                     raise
                 errors.append(f"{path}: cannot be planned ({str(exc).strip().splitlines()[0]})")
         retry = RetryRule(max_attempts, retry_failed or full)
         plans = {}
-        for i, h in enumerate(heads):
-            plans[h.name] = _plan_head(con, i, fp_of[i], h, has_state, unit_docs, full, retry, planned_after is not None)
-            hand_back_freed()  # (as in _spill_units) what the head's statements freed, before the next head's
         (rows_scanned,) = con.execute("SELECT count(*) FROM scan").fetchone()
+        for i, h in enumerate(heads):
+            try:
+                plans[h.name] = _plan_head(con, i, fp_of[i], h, has_state, unit_docs, full, retry,
+                                           planned_after is not None)
+            except duckdb.OutOfMemoryException as exc:  # joins and windows over every scanned row: a 10M-row
+                # rerun needs more than 64MB (benchmarks/README)
+                raise _out_of_memory(exc, f"on head {h.name}", memory_limit, f"{rows_scanned:,} rows scanned") from exc
+            hand_back_freed()  # (as in _spill_units) what the head's statements freed, before the next head's
         con.execute("DROP TABLE scan")
         staged: dict[str, dict[int, str]] = {}
         for i, h in enumerate(heads):
@@ -376,6 +378,17 @@ def open_plan(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
     except BaseException:
         con.close()
         raise
+
+
+def _out_of_memory(exc: duckdb.OutOfMemoryException, where: str, memory_limit: str | None,
+                   detail: str = "") -> duckdb.OutOfMemoryException:
+    """The planner's out-of-memory error as a config can act on it: where, the limit and the remedy, in place of
+    DuckDB's advice (threads, insertion order) that a config does not reach. Still an OutOfMemoryException:
+    the machine's limit, never a file's or a document's fault."""
+    limit = f"memory_limit {memory_limit or 'DuckDB default'}" + (f", {detail}" if detail else "")
+    return duckdb.OutOfMemoryException(
+        f"planning ran out of memory {where} ({limit}): raise the config's memory_limit, or give the staging "
+        f"folder room to spill ({str(exc).strip().splitlines()[0]})")
 
 
 def _last_load(con) -> int | None:

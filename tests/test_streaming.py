@@ -120,6 +120,26 @@ def test_a_planner_out_of_memory_is_loud_not_a_bad_file(tmp_path):
         assert plan.errors == [] and plan.heads["a"].to_infer == n
 
 
+def test_a_plan_that_runs_out_of_memory_after_the_scan_names_the_head_and_the_remedy(tmp_path):
+    """At a `memory_limit` the scan fits in but a head's classification (its joins and windows over every
+    scanned row) does not, the error says which head, the limit and what to do, as the scan's does, not
+    DuckDB's own advice to set threads or insertion order, which a config cannot reach."""
+    from storage.plan import PlanHead, open_plan
+
+    path = tmp_path / "docs.parquet"
+    n = 100_000
+    pq.write_table(pa.table({"id": [f"doc-{i}" for i in range(n)],
+                             "text": [f"story {i} " + "word " * (i % 50) for i in range(n)]}), path)
+    with pytest.raises(duckdb.OutOfMemoryException) as raised:
+        with open_plan(None, [str(path)], [PlanHead("topic", None, (), "m-topic")], "id", "text", 1000,
+                       memory_limit="12MB", temp_directory=str(tmp_path / "spill")):
+            pass
+    message = str(raised.value)
+    assert message.startswith("planning ran out of memory on head topic (memory_limit 12MB, 100,000 rows "
+                              "scanned): raise the config's memory_limit"), message
+    assert "SET threads" not in message
+
+
 def _planned_in(tmp_path, tiny_models, memory_limit: str):
     """A 200,000-row corpus (more than 8MB of planner memory) and a config with `memory_limit`: (config file,
     its body without the limit, rows)."""
