@@ -64,8 +64,12 @@ def child(code: str, *args: str) -> tuple[dict, float]:
     return json.loads(lines[-2]), json.loads(lines[-1])["peak_rss_mb"]
 
 
-def generate(folder: Path, n: int) -> float:
+def generate(folder: Path, n: int, writer: str = "duckdb") -> float:
+    """News-like Parquet, a file per million rows, row groups of 122,880. `writer` "duckdb": DuckDB's COPY, which
+    writes a row group's text as one page (~21MB here, decoded whole: the planner needs a memory_limit of 80MB
+    for it); "pyarrow": pages of 1MB, as pyarrow, pandas and datasets write them."""
     import duckdb
+    import pyarrow.parquet as pq
 
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -74,12 +78,20 @@ def generate(folder: Path, n: int) -> float:
     per_file = 1_000_000
     for k, lo in enumerate(range(0, n, per_file)):
         hi = min(n, lo + per_file)
-        con.execute(f"""COPY (SELECT i AS id,
+        rows = f"""SELECT i AS id,
             concat_ws(' ', 'Story', i::VARCHAR, list_aggregate(list_transform(range(8 + (hash(i) % 40)::INT),
                       lambda j: {words}[1 + (hash(i * 131 + j) % {len(WORDS)})::INT]), 'string_agg', ' ')) AS text,
             CASE WHEN i % 5 = 0 THEN 'de' ELSE 'en' END AS lang,
             CASE WHEN i % 2 = 0 THEN 'business' ELSE 'sport' END AS section
-            FROM range({lo}, {hi}) t(i)) TO '{folder}/part-{k:03d}.parquet' (FORMAT parquet, ROW_GROUP_SIZE 122880)""")
+            FROM range({lo}, {hi}) t(i)"""
+        out = folder / f"part-{k:03d}.parquet"
+        if writer == "duckdb":
+            con.execute(f"COPY ({rows}) TO '{out}' (FORMAT parquet, ROW_GROUP_SIZE 122880)")
+            continue
+        reader = con.sql(rows).to_arrow_reader(122_880)
+        with pq.ParquetWriter(out, reader.schema, compression="snappy") as parquet:
+            for batch in reader:
+                parquet.write_batch(batch, row_group_size=122_880)
     con.close()
     return time.perf_counter() - t0
 
@@ -355,6 +367,8 @@ def main() -> None:
                     "planner (default: the config key memory_limit's)")
     ap.add_argument("--plan-heads", type=int, default=2, choices=[1, 2, 3], help="plan, lists: heads planned (the "
                     "second is routed by a where)")
+    ap.add_argument("--corpus-writer", default="duckdb", choices=["duckdb", "pyarrow"], help="how a corpus not "
+                    "yet in --work is written (duckdb: a row group's text one ~21MB page; pyarrow: 1MB pages)")
     ap.add_argument("--skip", default="", help="comma list of: plan,lists,load,rerun,run,loadinto")
     ap.add_argument("--run-heads", default="1,3", help="run: heads per whole run (language heads; the second is "
                     "routed by a where)")
@@ -379,7 +393,7 @@ def main() -> None:
         corpus = folder / "corpus"
         r: dict = {"docs": n}
         if not corpus.exists():
-            r["generate_s"] = generate(corpus, n)
+            r["generate_s"] = generate(corpus, n, args.corpus_writer)
         if "plan" not in skip:
             out, rss = child(PLAN, str(corpus), "stream", str(folder / "spill"), args.plan_memory_limit,
                              str(args.plan_heads))

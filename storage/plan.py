@@ -47,7 +47,7 @@ from core.tables import ResultTable
 from . import lake
 from .corpus import id_text
 from .saved_dataset import short_name, source_name
-from .sandbox import check_expression, literal_path, sandboxed_connection
+from .sandbox import check_expression, literal_path, memory_bytes, sandboxed_connection
 from .schema import upstream_sql
 
 
@@ -358,10 +358,11 @@ def open_plan(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
         retry = RetryRule(max_attempts, retry_failed or full)
         plans = {}
         (rows_scanned,) = con.execute("SELECT count(*) FROM scan").fetchone()
+        passes = _passes(con, rows_scanned)
         for i, h in enumerate(heads):
             try:
                 plans[h.name] = _plan_head(con, i, fp_of[i], h, has_state, unit_docs, full, retry,
-                                           planned_after is not None)
+                                           planned_after is not None, passes)
             except duckdb.OutOfMemoryException as exc:  # joins and windows over every scanned row: a 10M-row
                 # rerun needs more than 64MB (benchmarks/README)
                 raise _out_of_memory(exc, f"on head {h.name}", memory_limit, f"{rows_scanned:,} rows scanned") from exc
@@ -505,26 +506,28 @@ def _stage_inputs(con, i: int, head: PlanHead, files: Sequence[str], source: str
 
 
 def _plan_head(con, i: int, fp: int, head: PlanHead, has_state: bool, unit_docs: int, full: bool,
-               retry: RetryRule = RetryRule(), load_ids: bool = False) -> HeadPlan:
+               retry: RetryRule = RetryRule(), load_ids: bool = False, passes: int = 1) -> HeadPlan:
     """Classify the head's routed rows (routing `r_<i>`, fingerprint `fp_<fp>` of the scan) into table
     `classified`, then number the ones to infer into units (table `work_<i>`, ordered by unit); returns
     the counts.
 
     Narrow on purpose, for corpora of millions: fingerprints are two integers, only ids that occur more
     than once are sorted (to find their first occurrence), and only the head's current models' states
-    are joined."""
+    are joined. In `passes` > 1 statements, each over the ids of one hash partition (every row of an id,
+    its state and its failures fall in the same one, so each pass is exact on its own): DuckDB's joins over
+    millions of rows need memory that grows with them, and a pass's stays within `memory_limit`."""
     if has_state:
         # any model's state: a document's earlier rows are replaced whichever model wrote them; only the
         # current models' states make it unchanged
         state_join = (f"LEFT JOIN (SELECT doc_id, {fingerprint_halves('fingerprint', 'fp')}, "
                       "  list_contains($models, model_id) AS current, "
                       f"  {'load_id' if load_ids else 'NULL::BIGINT'} AS load_id FROM results.doc_state "
-                      "  WHERE head = $head AND status = 'done') d "
+                      "  WHERE head = $head AND status = 'done' AND {in_pass}) d "
                       "ON d.doc_id = s.doc_id "
                       # the document's last failed attempt (plan-stage rows are about other occurrences)
                       f"LEFT JOIN (SELECT doc_id, {fingerprint_halves('fingerprint', 'fp')}, model_id, kind, "
                       "  coalesce(attempts, 1) AS attempts "
-                      "  FROM results.failed_docs WHERE head = $head AND stage <> 'plan' AND doc_id IS NOT NULL "
+                      "  FROM results.failed_docs WHERE head = $head AND stage <> 'plan' AND doc_id IS NOT NULL AND {in_pass} "
                       "  QUALIFY row_number() OVER (PARTITION BY doc_id ORDER BY attempts DESC) = 1) f "
                       "ON f.doc_id = s.doc_id")
     else:
@@ -533,46 +536,11 @@ def _plan_head(con, i: int, fp: int, head: PlanHead, has_state: bool, unit_docs:
                       "ON false LEFT JOIN (SELECT NULL::VARCHAR AS doc_id, NULL::UBIGINT AS fp_hi, NULL::UBIGINT AS fp_lo, "
                       "NULL::VARCHAR AS model_id, NULL::VARCHAR AS kind, NULL::INTEGER AS attempts) f ON false")
     models = [head.model_id, *head.aliases]
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE classified AS
-        WITH repeated AS (  -- ids seen more than once: only their rows are ordered to find the first
-            SELECT doc_id FROM scan WHERE r_{i} AND doc_id IS NOT NULL GROUP BY doc_id HAVING count(*) > 1
-        ), occurrences AS (
-            SELECT file_no, row,
-                   row_number() OVER w AS occurrence,
-                   first_value(fp_{fp}_hi) OVER w AS first_fp_hi,
-                   first_value(fp_{fp}_lo) OVER w AS first_fp_lo,
-                   first_value(file_no) OVER w AS first_file,
-                   first_value(row) OVER w AS first_row
-            FROM scan SEMI JOIN repeated USING (doc_id) WHERE r_{i}
-            WINDOW w AS (PARTITION BY doc_id ORDER BY file_no, row)
-        ), routed AS (
-            SELECT s.file_no, s.row, s.doc_id, s.fp_{fp}_hi AS fp_hi, s.fp_{fp}_lo AS fp_lo,
-                   coalesce(o.occurrence, 1) AS occurrence, o.first_fp_hi, o.first_fp_lo,
-                   coalesce(o.first_file, s.file_no) AS first_file, coalesce(o.first_row, s.row) AS first_row
-            FROM scan s LEFT JOIN occurrences o ON o.file_no = s.file_no AND o.row = s.row
-            WHERE s.r_{i}
-        ), judged AS (
-            SELECT s.file_no, s.row, s.doc_id, s.fp_hi, s.fp_lo,
-                   CASE WHEN s.occurrence = 1 THEN 'first'
-                        WHEN {_same('s.fp', 's.first_fp')} THEN 'repeat'
-                        ELSE 'conflict' END AS kind,
-                   s.first_file, s.first_row,
-                   coalesce(d.current AND s.fp_hi IS NOT NULL AND d.fp_hi = s.fp_hi AND d.fp_lo = s.fp_lo, false)
-                     AS unchanged,
-                   d.doc_id IS NOT NULL AS had_state, d.load_id AS prev_load,
-                   coalesce({_same('f.fp', 's.fp')} AND list_contains($models, f.model_id), false)
-                     AS failed_before,
-                   coalesce(f.kind = 'terminal' OR f.attempts >= $max_attempts, false) AS retries_spent
-            FROM routed s {state_join}
-        )
-        SELECT * EXCLUDE (failed_before, retries_spent),
-               failed_before AND NOT unchanged AS retry,
-               failed_before AND NOT unchanged AND retries_spent AND NOT $retry_all AS held
-        FROM judged
-        WHERE $full OR NOT (kind = 'first' AND unchanged)  -- a rerun keeps only what changed: counted below""",
-                {"models": models, "max_attempts": retry.max_attempts, "retry_all": retry.retry_all, "full": full}
-                | ({"head": head.name} if has_state else {}))
+    for k in range(passes):
+        con.execute(("CREATE OR REPLACE TEMP TABLE classified AS " if k == 0 else "INSERT INTO classified ")
+                    + _classified_sql(i, fp, state_join.format(in_pass=_in_pass("doc_id", passes, k)), passes, k),
+                    {"models": models, "max_attempts": retry.max_attempts, "retry_all": retry.retry_all, "full": full}
+                    | ({"head": head.name} if has_state else {}))
     counts = dict(con.execute("SELECT kind || CASE WHEN kind <> 'first' THEN '' WHEN unchanged THEN '-unchanged' "
                               "WHEN held THEN '-held' WHEN retry THEN '-retry' ELSE '' END, "
                               "count(*) FROM classified GROUP BY ALL").fetchall())
@@ -604,3 +572,62 @@ def _plan_head(con, i: int, fp: int, head: PlanHead, has_state: bool, unit_docs:
                     unchanged=0 if full else counts.get("first-unchanged", 0),
                     retried=counts.get("first-retry", 0), skipped_failed=counts.get("first-held", 0),
                     to_infer=to_infer, conflicts=conflicts, n_units=n_units)
+
+
+def _in_pass(doc_id: str, passes: int, k: int) -> str:
+    """SQL: the id `doc_id` belongs to pass `k` of `passes` (each id, NULL too, to exactly one)."""
+    return "true" if passes == 1 else f"coalesce(hash({doc_id}) % {passes}, 0) = {k}"
+
+
+def _passes(con, rows: int) -> int:
+    """Passes that classify `rows` scanned rows within the connection's memory_limit. DuckDB's joins over
+    millions of rows need memory that grows with them: a 10M-row rerun of one head ran out at 64MB and planned
+    at 80MB in one statement; in 2, 4 and 8 passes it planned at 64MB, 48MB and 32MB (benchmarks/README).
+    About 100k rows a pass per MiB above 22 MiB, below all of those."""
+    (limit,) = con.execute("SELECT value FROM duckdb_settings() WHERE name = 'memory_limit'").fetchone()
+    per_pass = max(100_000, int((memory_bytes(limit) / 2**20 - 22) * 100_000))
+    return max(1, -(-rows // per_pass))
+
+
+def _classified_sql(i: int, fp: int, state_join: str, passes: int, k: int) -> str:
+    """The query classifying head `i`'s routed rows of pass `k` of `passes`: each row's occurrence of its id,
+    whether it is unchanged against the state, and its earlier failure."""
+    in_pass = _in_pass("doc_id", passes, k)
+    return f"""
+        WITH repeated AS (  -- ids seen more than once: only their rows are ordered to find the first
+            SELECT doc_id FROM scan WHERE r_{i} AND doc_id IS NOT NULL AND {in_pass} GROUP BY doc_id HAVING count(*) > 1
+        ), occurrences AS (
+            SELECT file_no, row,
+                   row_number() OVER w AS occurrence,
+                   first_value(fp_{fp}_hi) OVER w AS first_fp_hi,
+                   first_value(fp_{fp}_lo) OVER w AS first_fp_lo,
+                   first_value(file_no) OVER w AS first_file,
+                   first_value(row) OVER w AS first_row
+            FROM scan SEMI JOIN repeated USING (doc_id) WHERE r_{i}
+            WINDOW w AS (PARTITION BY doc_id ORDER BY file_no, row)
+        ), routed AS (
+            SELECT s.file_no, s.row, s.doc_id, s.fp_{fp}_hi AS fp_hi, s.fp_{fp}_lo AS fp_lo,
+                   coalesce(o.occurrence, 1) AS occurrence, o.first_fp_hi, o.first_fp_lo,
+                   coalesce(o.first_file, s.file_no) AS first_file, coalesce(o.first_row, s.row) AS first_row
+            FROM scan s LEFT JOIN occurrences o ON o.file_no = s.file_no AND o.row = s.row
+            WHERE s.r_{i} AND {_in_pass("s.doc_id", passes, k)}
+        ), judged AS (
+            SELECT s.file_no, s.row, s.doc_id, s.fp_hi, s.fp_lo,
+                   CASE WHEN s.occurrence = 1 THEN 'first'
+                        WHEN {_same('s.fp', 's.first_fp')} THEN 'repeat'
+                        ELSE 'conflict' END AS kind,
+                   s.first_file, s.first_row,
+                   coalesce(d.current AND s.fp_hi IS NOT NULL AND d.fp_hi = s.fp_hi AND d.fp_lo = s.fp_lo, false)
+                     AS unchanged,
+                   d.doc_id IS NOT NULL AS had_state, d.load_id AS prev_load,
+                   coalesce({_same('f.fp', 's.fp')} AND list_contains($models, f.model_id), false)
+                     AS failed_before,
+                   coalesce(f.kind = 'terminal' OR f.attempts >= $max_attempts, false) AS retries_spent
+            FROM routed s {state_join}
+        )
+        SELECT * EXCLUDE (failed_before, retries_spent),
+               failed_before AND NOT unchanged AS retry,
+               failed_before AND NOT unchanged AND retries_spent AND NOT $retry_all AS held
+        FROM judged
+        WHERE $full OR NOT (kind = 'first' AND unchanged)  -- a rerun keeps only what changed: counted below
+"""

@@ -176,12 +176,12 @@ def bound_memory(con: duckdb.DuckDBPyConnection, memory_limit: str) -> None:
     con.execute("SET memory_limit = ?", [memory_limit])
     (limit,) = con.execute("SELECT value FROM duckdb_settings() WHERE name = 'memory_limit'").fetchone()
     (threads,) = con.execute("SELECT current_setting('threads')").fetchone()
-    con.execute(f"SET threads = {max(1, min(int(threads), _bytes(limit) // MEMORY_PER_THREAD))}")
+    con.execute(f"SET threads = {max(1, min(int(threads), memory_bytes(limit) // MEMORY_PER_THREAD))}")
     con.execute("SET allocator_flush_threshold = '16MiB'")
     con.execute("SET allocator_bulk_deallocation_flush_threshold = '16MiB'")
 
 
-def _bytes(size: str) -> int:
+def memory_bytes(size: str) -> int:
     """DuckDB's printed size ('96.0 MiB', '1.8 GiB') in bytes."""
     number, unit = size.split()
     return int(float(number) * {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}[unit])

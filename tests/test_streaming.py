@@ -140,6 +140,52 @@ def test_a_plan_that_runs_out_of_memory_after_the_scan_names_the_head_and_the_re
     assert "SET threads" not in message
 
 
+def test_a_plan_made_in_passes_is_the_plan_made_in_one(tmp_path, monkeypatch):
+    """Classifying in passes over hash partitions of the ids (what a small memory_limit needs at millions of
+    rows) gives the same counts and units as one statement: repeats, conflicts, id-less rows, unchanged,
+    changed and other-model state, held and retried failures alike."""
+    from dataclasses import replace
+
+    import storage.plan as plan
+    from heads.registry import result_tables
+    from storage import db
+    from storage.plan import PlanHead
+
+    files = [tmp_path / "a.parquet", tmp_path / "b.parquet"]
+    ids = [[None if i % 97 == 0 else f"d{i % 700}" for i in range(1000)], [f"d{i}" for i in range(500, 1500)]]
+    for path, id_list, salt in zip(files, ids, ("", "x")):
+        texts = [f"text {d} {salt if i % 3 == 0 else ''}" for i, d in enumerate(id_list)]
+        pq.write_table(pa.table({"id": id_list, "text": texts, "lang": ["en", "de"] * 500}), path)
+    heads = [PlanHead("all", None, (), "m1"), PlanHead("en", "lang = 'en'", (), "m1")]
+    first, _, _ = plan.plan_work(None, [str(f) for f in files], heads, "id", "text", unit_docs=50)
+    database = str(tmp_path / "r.duckdb")
+    db.ensure_schema(database, tables=result_tables())
+    done = [(u.path, r, fp) for u in first["all"].units for r, fp in zip(u.rows, u.fingerprints)]
+    with duckdb.connect(database) as con:
+        for k, (path, row, fp) in enumerate(done):
+            doc = pq.read_table(path, columns=["id"]).column("id")[row].as_py()
+            if doc is None or k % 5 == 4:
+                continue  # not done yet
+            model, fingerprint = ("m2" if k % 7 == 0 else "m1"), (fp if k % 4 else "0" * 32)  # another model; changed
+            con.execute("INSERT INTO doc_state (head, doc_id, fingerprint, model_id, run_id, status, updated_at) "
+                        "VALUES ('all', ?, ?, ?, 'r0', 'done', now())", [doc, fingerprint, model])
+            if k % 4 == 0:  # failed since: transient (retried or, at 3 attempts, held) or terminal (held)
+                con.execute("INSERT INTO failed_docs (head, doc_id, fingerprint, model_id, run_id, stage, kind, "
+                            "attempts, error) VALUES ('all', ?, ?, 'm1', 'r0', 'infer', ?, ?, 'x')",
+                            [doc, fp, "terminal" if k % 3 == 0 else "transient", 1 + k % 3])
+
+    def planned(passes: int):
+        monkeypatch.setattr(plan, "_passes", lambda con, rows: passes)
+        plans, _, _ = plan.plan_work(database, [str(f) for f in files], heads, "id", "text", unit_docs=50)
+        return {name: (replace(p, units=[]), [(u.path, u.rows, u.fingerprints, u.refused, u.replaces) for u in p.units])
+                for name, p in plans.items()}
+
+    once = planned(1)
+    counts = once["all"][0]
+    assert counts.duplicates and counts.conflicts and counts.unchanged and counts.retried and counts.skipped_failed
+    assert planned(7) == once
+
+
 def _planned_in(tmp_path, tiny_models, memory_limit: str):
     """A 200,000-row corpus (more than 8MB of planner memory) and a config with `memory_limit`: (config file,
     its body without the limit, rows)."""
