@@ -363,8 +363,8 @@ def open_plan(database: str | None, files: Sequence[str], heads: Sequence[PlanHe
             try:
                 plans[h.name] = _plan_head(con, i, fp_of[i], h, has_state, unit_docs, full, retry,
                                            planned_after is not None, passes)
-            except duckdb.OutOfMemoryException as exc:  # joins and windows over every scanned row: a 10M-row
-                # rerun needs more than 64MB (benchmarks/README)
+            except duckdb.OutOfMemoryException as exc:  # a pass's joins and windows beyond the limit (below
+                # ~22 MiB, more passes do not help: DuckDB's own needs)
                 raise _out_of_memory(exc, f"on head {h.name}", memory_limit, f"{rows_scanned:,} rows scanned") from exc
             hand_back_freed()  # (as in _spill_units) what the head's statements freed, before the next head's
         con.execute("DROP TABLE scan")
