@@ -160,10 +160,10 @@ def test_a_plan_made_in_passes_is_the_plan_made_in_one(tmp_path, monkeypatch):
     first, _, _ = plan.plan_work(None, [str(f) for f in files], heads, "id", "text", unit_docs=50)
     database = str(tmp_path / "r.duckdb")
     db.ensure_schema(database, tables=result_tables())
-    done = [(u.path, r, fp) for u in first["all"].units for r, fp in zip(u.rows, u.fingerprints)]
+    id_of = {str(f): pq.read_table(f, columns=["id"]).column("id").to_pylist() for f in files}
+    done = [(id_of[u.path][r], fp) for u in first["all"].units for r, fp in zip(u.rows, u.fingerprints)]
     with duckdb.connect(database) as con:
-        for k, (path, row, fp) in enumerate(done):
-            doc = pq.read_table(path, columns=["id"]).column("id")[row].as_py()
+        for k, (doc, fp) in enumerate(done):
             if doc is None or k % 5 == 4:
                 continue  # not done yet
             model, fingerprint = ("m2" if k % 7 == 0 else "m1"), (fp if k % 4 else "0" * 32)  # another model; changed
